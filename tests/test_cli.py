@@ -1,0 +1,49 @@
+"""The `vitflow` command as users run it: a real subprocess of the installed console script."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import DATASETS
+
+
+def vitflow(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    exe = shutil.which("vitflow") or str(Path(sys.executable).parent / "vitflow")
+    return subprocess.run([exe, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_help_lists_the_commands():
+    result = vitflow("--help")
+    assert result.returncode == 0, result.stderr
+    for command in ("model", "demo"):
+        assert command in result.stdout
+
+
+def test_model_describe_reports_size_and_flops():
+    result = vitflow("model", "describe", "B/16", "--image-size", "384")
+    assert result.returncode == 0, result.stderr
+    assert "ViT-B/16 @ 384x384" in result.stdout and "86.9 M parameters" in result.stdout
+    assert "GFLOPs/image" in result.stdout
+
+
+def test_user_mistakes_end_without_a_traceback():
+    result = vitflow("model", "describe", "Q/16")
+    assert result.returncode == 2
+    assert "unknown model size 'Q'" in result.stderr and "Traceback" not in result.stderr
+    result = vitflow("model", "describe", "B/16", "--image-size", "200")
+    assert result.returncode == 2 and "not divisible by patch_size 16" in result.stderr
+    result = vitflow("demo", "--data", "/nonexistent/cifar.parquet")
+    assert result.returncode == 2 and "/nonexistent/cifar.parquet: no such file" in result.stderr
+
+
+@pytest.mark.slow
+def test_demo_learns_on_real_cifar10():
+    parquet = DATASETS / "cifar10" / "test-00000-of-00001.parquet"
+    result = vitflow("demo", "--data", str(parquet), "--steps", "40", "--depth", "2")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "held-out top-1" in result.stdout
