@@ -1,0 +1,250 @@
+"""The on-disk contract between `pipeline` and its readers (``vit.data``, `vitflow shard verify`).
+
+A dataset directory ``OUT`` holds (``docs/FORMAT.md`` is the full description):
+
+- ``OUT/<split>/<split>-NNNNNN.tar``: WebDataset shards; each sample is ``<key>.<image ext>``,
+  ``<key>.cls`` and ``<key>.json``.
+- ``OUT/<split>/wids.json``: the split's shard index in the ``wids`` descriptor format.
+- ``OUT/dataset.json``: class names, splits, shard list with sizes and checksums, config, fingerprint.
+- ``OUT/manifest.parquet``: one row per sample; ``OUT/quarantine.parquet``: one row per unused input.
+
+This module is the only place that knows those names and layouts. It imports only the standard
+library at module level (pyarrow inside the Parquet functions), so readers can load
+:class:`DatasetInfo` cheaply.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+FORMAT_NAME = "vitflow-shards"
+FORMAT_VERSION = 1
+
+DATASET_FILE = "dataset.json"
+MANIFEST_FILE = "manifest.parquet"
+QUARANTINE_FILE = "quarantine.parquet"
+WIDS_INDEX_FILE = "wids.json"
+# Per-shard receipts that make reruns resumable; internal to the writer, readers ignore it.
+WORK_DIR = ".vitflow"
+
+MANIFEST_COLUMNS = ("key", "split", "shard", "label", "label_name", "bytes", "sha256", "width", "height", "source")
+QUARANTINE_COLUMNS = ("source", "split", "reason", "detail")
+
+
+class Reason(enum.StrEnum):
+    """Why an input was quarantined: the fixed vocabulary of ``quarantine.parquet``'s ``reason``."""
+
+    UNDECODABLE = "undecodable"  # a known image format whose pixel data fails to decode
+    TRUNCATED = "truncated"  # the file ends before the image data does
+    EMPTY = "empty"  # zero bytes
+    NOT_AN_IMAGE = "not_an_image"  # no known image format (e.g. text named .jpg, a README)
+    TOO_MANY_PIXELS = "too_many_pixels"  # width x height over max_pixels (decompression-bomb guard)
+    UNKNOWN_LABEL = "unknown_label"  # no class folder, a label outside the class list, or a null label
+    UNREADABLE_PATH = "unreadable_path"  # missing, unreadable or not a regular file
+    PATH_ESCAPES_ROOT = "path_escapes_root"  # a manifest-table path that resolves outside the table's folder
+
+
+def shard_name(split: str, index: int) -> str:
+    """The shard's path relative to ``OUT``: ``<split>/<split>-NNNNNN.tar``."""
+    return f"{split}/{split}-{index:06d}.tar"
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    path: str  # relative to the dataset root
+    num_samples: int
+    bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class SplitInfo:
+    num_samples: int
+    counts: Mapping[str, int]  # class name -> samples
+    shards: tuple[ShardInfo, ...]
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """``dataset.json``, loaded and checked. What a reader needs to build its input pipeline."""
+
+    root: Path
+    class_names: tuple[str, ...]
+    splits: Mapping[str, SplitInfo]
+    config: Mapping[str, Any]
+    fingerprint: str
+    source: Mapping[str, Any]
+    created_by: str
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def shard_paths(self, split: str) -> list[Path]:
+        """Absolute paths of the split's shards, in order."""
+        if split not in self.splits:
+            raise KeyError(f"{self.root}: no split {split!r} (have {sorted(self.splits)})")
+        return [self.root / shard.path for shard in self.splits[split].shards]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "class_names": list(self.class_names),
+            "num_classes": self.num_classes,
+            "splits": {
+                name: {
+                    "num_samples": split.num_samples,
+                    "counts": dict(split.counts),
+                    "shards": [
+                        {"path": s.path, "num_samples": s.num_samples, "bytes": s.bytes, "sha256": s.sha256}
+                        for s in split.shards
+                    ],
+                }
+                for name, split in self.splits.items()
+            },
+            "config": dict(self.config),
+            "fingerprint": self.fingerprint,
+            "source": dict(self.source),
+            "created_by": self.created_by,
+        }
+
+
+def fingerprint(splits: Mapping[str, SplitInfo], class_names: Sequence[str], config: Mapping[str, Any]) -> str:
+    """sha256 of the canonical JSON of shard checksums (split order, shard order), class names and config."""
+    payload = {
+        "shards": {name: [s.sha256 for s in split.shards] for name, split in sorted(splits.items())},
+        "class_names": list(class_names),
+        "config": dict(config),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def load_dataset_info(root: str | os.PathLike[str]) -> DatasetInfo:
+    """Read ``root/dataset.json``; raises ``ValueError`` naming the file when it is not this format."""
+    root = Path(root)
+    path = root / DATASET_FILE
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: not found (is {root} a vitflow dataset?)") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from None
+    if doc.get("format") != FORMAT_NAME or doc.get("version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{path}: expected format {FORMAT_NAME!r} version {FORMAT_VERSION}, "
+            f"got {doc.get('format')!r} version {doc.get('version')!r}"
+        )
+    try:
+        splits = {
+            name: SplitInfo(
+                num_samples=int(split["num_samples"]),
+                counts={str(k): int(v) for k, v in split["counts"].items()},
+                shards=tuple(
+                    ShardInfo(str(s["path"]), int(s["num_samples"]), int(s["bytes"]), str(s["sha256"]))
+                    for s in split["shards"]
+                ),
+            )
+            for name, split in doc["splits"].items()
+        }
+        info = DatasetInfo(
+            root=root,
+            class_names=tuple(doc["class_names"]),
+            splits=splits,
+            config=doc["config"],
+            fingerprint=doc["fingerprint"],
+            source=doc.get("source", {}),
+            created_by=doc.get("created_by", ""),
+        )
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(f"{path}: malformed ({type(error).__name__}: {error})") from None
+    if doc.get("num_classes") != info.num_classes:
+        raise ValueError(f"{path}: num_classes {doc.get('num_classes')} != {info.num_classes} class names")
+    return info
+
+
+def write_json_atomic(path: Path, doc: Any) -> None:
+    """Write JSON through a temporary file and a rename, so readers never see half a file."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_dataset_info(info: DatasetInfo) -> None:
+    write_json_atomic(info.root / DATASET_FILE, info.to_json())
+
+
+def write_wids_index(root: Path, split: str, shards: Sequence[ShardInfo]) -> None:
+    """``OUT/<split>/wids.json``: lets ``wids.ShardListDataset`` open the split; URLs relative to it."""
+    doc = {
+        "wids_version": 1,
+        "name": split,
+        "shardlist": [
+            {"url": Path(s.path).name, "nsamples": s.num_samples, "filesize": s.bytes} for s in shards
+        ],
+    }
+    write_json_atomic(root / split / WIDS_INDEX_FILE, doc)
+
+
+def _manifest_schema():
+    import pyarrow as pa
+
+    return pa.schema(
+        [
+            ("key", pa.string()),
+            ("split", pa.string()),
+            ("shard", pa.string()),
+            ("label", pa.int64()),
+            ("label_name", pa.string()),
+            ("bytes", pa.int64()),
+            ("sha256", pa.string()),
+            ("width", pa.int64()),
+            ("height", pa.int64()),
+            ("source", pa.string()),
+        ]
+    )
+
+
+def _quarantine_schema():
+    import pyarrow as pa
+
+    return pa.schema([("source", pa.string()), ("split", pa.string()), ("reason", pa.string()), ("detail", pa.string())])
+
+
+def _write_rows(path: Path, rows: Sequence[Mapping[str, Any]], schema) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pylist([dict(r) for r in rows], schema=schema)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    pq.write_table(table, tmp, compression="zstd")
+    os.replace(tmp, path)
+
+
+def write_manifest(root: Path, rows: Sequence[Mapping[str, Any]]) -> None:
+    _write_rows(root / MANIFEST_FILE, rows, _manifest_schema())
+
+
+def write_quarantine(root: Path, rows: Sequence[Mapping[str, Any]]) -> None:
+    _write_rows(root / QUARANTINE_FILE, rows, _quarantine_schema())
+
+
+def read_manifest(root: str | os.PathLike[str]):
+    """``manifest.parquet`` as a ``pyarrow.Table`` (columns :data:`MANIFEST_COLUMNS`)."""
+    import pyarrow.parquet as pq
+
+    return pq.read_table(Path(root) / MANIFEST_FILE, schema=_manifest_schema())
+
+
+def read_quarantine(root: str | os.PathLike[str]):
+    """``quarantine.parquet`` as a ``pyarrow.Table`` (columns :data:`QUARANTINE_COLUMNS`)."""
+    import pyarrow.parquet as pq
+
+    return pq.read_table(Path(root) / QUARANTINE_FILE, schema=_quarantine_schema())

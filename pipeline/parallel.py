@@ -1,0 +1,98 @@
+"""Fan shard tasks out over Ray. The only module of ``pipeline`` that touches Ray.
+
+Why here and not in ``workflows/``: sharding is useful on its own (``vitflow shard``, or
+``pipeline.write_shards`` in a notebook) without the workflow layer's tracking and stage runner, and the
+Ray part is small: map a pure function (``shards.build_shard``) over a list of tasks. Keeping every Ray
+call in this module leaves the rest of ``pipeline`` plain Python that tests run in-process
+(``workers=0``), while a workflow stage simply calls ``write_shards`` inside its own Ray session.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+# fn(task, report) -> result, where report(n) says n more inputs were handled.
+TaskFn = Callable[[T, Callable[[int], None]], R]
+
+
+def map_tasks(
+    fn: TaskFn,
+    tasks: Sequence[T],
+    *,
+    workers: int | None,
+    address: str | None,
+    on_progress: Callable[[int], None],
+    on_done: Callable[[], None],
+) -> list[R]:
+    """``[fn(t, report) for t in tasks]``, at most ``workers`` at once; results in the order of ``tasks``.
+
+    ``workers=0`` runs in this process. Otherwise Ray: the cluster at ``address``, the Ray this process
+    is already connected to, or a local one with ``workers`` CPUs (all CPUs when None) that is shut
+    down afterwards.
+    """
+    if workers is not None and workers < 0:
+        raise ValueError(f"workers must be >= 0, got {workers}")
+    if workers == 0:
+        results = []
+        for task in tasks:
+            results.append(fn(task, on_progress))
+            on_done()
+        return results
+
+    import ray  # framework touch point: the only Ray import in pipeline
+
+    started_here = not ray.is_initialized()
+    if started_here:
+        common = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.WARNING}
+        if address:
+            ray.init(address=address, **common)
+        else:
+            ray.init(num_cpus=workers or os.cpu_count(), **common)
+    counter = None
+    try:
+        window = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+        @ray.remote(num_cpus=0)
+        class Counter:  # tasks add to it as they go, the driver polls it: images/s between shard ends
+            def __init__(self) -> None:
+                self.total = 0
+
+            def add(self, n: int) -> None:
+                self.total += n
+
+            def get(self) -> int:
+                return self.total
+
+        counter = Counter.remote()
+
+        def report_to(actor) -> Callable[[int], None]:
+            return lambda n: actor.add.remote(n) if n else None
+
+        # Idempotent by construction (atomic writes, same bytes), so Ray's retry after a worker crash is safe.
+        run = ray.remote(num_cpus=1)(lambda f, task, actor: f(task, report_to(actor)))
+        results: list[R | None] = [None] * len(tasks)
+        pending: dict = {}
+        submitted, reported = 0, 0
+        while submitted < len(tasks) or pending:
+            while submitted < len(tasks) and len(pending) < window:
+                pending[run.remote(fn, tasks[submitted], counter)] = submitted
+                submitted += 1
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=0.25)
+            for ref in done:
+                results[pending.pop(ref)] = ray.get(ref)
+                on_done()
+            total = ray.get(counter.get.remote())
+            on_progress(total - reported)
+            reported = total
+        return results  # type: ignore[return-value]
+    finally:
+        if counter is not None:
+            ray.kill(counter)
+        if started_here:
+            ray.shutdown()
