@@ -22,6 +22,11 @@ app = typer.Typer(
 model_app = typer.Typer(help="Inspect the ViT model family.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
 
+# --- shard commands (pipeline) ---
+from workflows.shard_cli import shard_app  # noqa: E402  (light: typer and click only)
+
+app.add_typer(shard_app, name="shard")
+
 
 REPO_DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
 
