@@ -61,6 +61,21 @@ class PatchEmbed(nn.Module):
         return F.linear(patches, self.proj.weight.reshape(self.proj.out_channels, -1), self.proj.bias)  # (B, N, D)
 
 
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float, fused: bool) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v over (B, h, T, D/h) tensors.
+
+    ``fused`` goes through ``scaled_dot_product_attention``, which dispatches to flash / memory-efficient
+    kernels on GPUs. Written out, the same computation is two matmuls and a softmax: on CPU under bf16
+    autocast that is faster to train (SDPA's fused CPU backward in bf16 is the slow part: about 1.6x for
+    a Ti/4 step here, docs/BENCHMARKS.md).
+    """
+    if fused:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # (B, h, T, T)
+    weights = F.dropout(scores.softmax(dim=-1), p=dropout_p)
+    return weights @ v
+
+
 class Attention(nn.Module):
     """Multi-head self-attention (Appendix A): one fused qkv projection, heads of size D/h."""
 
@@ -77,8 +92,8 @@ class Attention(nn.Module):
         batch, tokens, dim = x.shape
         qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, h, T, D/h)
-        # Fused kernels (flash / memory-efficient on GPU) through PyTorch's dispatcher.
-        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_dropout if self.training else 0.0)
+        fused = not (x.device.type == "cpu" and torch.is_autocast_enabled("cpu"))
+        x = attention(q, k, v, self.attn_dropout if self.training else 0.0, fused)
         x = x.transpose(1, 2).reshape(batch, tokens, dim)  # (B, T, D)
         return self.proj_drop(self.proj(x))
 

@@ -166,3 +166,19 @@ def test_patch_embedding_equals_a_strided_convolution():
     x = torch.randn(2, 3, 32, 48)
     conv = model.patch_embed.proj(x).flatten(2).transpose(1, 2)  # (B, N, D)
     torch.testing.assert_close(model.patch_embed(x), conv, rtol=1e-5, atol=1e-5)
+
+
+def test_written_out_attention_equals_sdpa():
+    from vit.model import attention
+
+    q, k, v = torch.randn(3, 2, 4, 17, 8).unbind(0)
+    torch.testing.assert_close(attention(q, k, v, 0.0, fused=False), attention(q, k, v, 0.0, fused=True), rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_autocast_on_cpu_trains():
+    model = VisionTransformer(tiny())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(torch.randn(2, 3, 32, 32))
+    assert logits.dtype == torch.bfloat16
+    logits.float().sum().backward()
+    assert model.blocks[0].attn.qkv.weight.grad is not None
