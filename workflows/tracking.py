@@ -1,0 +1,249 @@
+"""The one MLflow adapter: experiments, nested runs, buffered metrics, ViT models and the registry.
+
+Everything vitflow records goes through here, so the rest of the code never calls ``mlflow`` directly.
+A ViT is logged once as an MLflow model that serves (``mlflow.pyfunc`` / ``mlflow.pytorch``, exported
+with ``torch.export``: no pickle) and carries, as extra files of the same model, the plain weights
+(``weights.pt``, loaded with ``torch.load(weights_only=True)``), the ``ViTConfig`` and the class names:
+the form fine-tuning reads. So one URI (``models:/vit-pretrained/3``, ``runs:/<id>/model``) is enough.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import torch
+from mlflow.entities import Metric
+from mlflow.models import infer_signature
+from mlflow.tracking import MlflowClient
+
+from vit import ViTConfig, VisionTransformer
+
+log = logging.getLogger(__name__)
+
+PARENT_RUN_TAG = "mlflow.parentRunId"  # MLflow's own nesting tag: the UI draws the tree from it
+WEIGHTS_FILE = "weights.pt"
+CONFIG_FILE = "vit_config.json"
+CLASSES_FILE = "class_names.json"
+
+# Bounded network behaviour: a tracking server that is down must not hang training for minutes per call.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+def default_tracking_uri(workdir: str | Path = ".") -> str:
+    """An embedded store under the working directory: SQLite for runs and the registry."""
+    return f"sqlite:///{(Path(workdir).resolve() / 'mlflow.db')}"
+
+
+def ensure_experiment(name: str, tracking_uri: str, artifact_location: str | None = None) -> str:
+    """The experiment's id, created on first use (with its artifact location: Ray's MLflow callback
+    cannot choose one, so vitflow creates experiments itself)."""
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    if artifact_location is None and tracking_uri.startswith("sqlite:///"):
+        artifact_location = (Path(tracking_uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
+    return client.create_experiment(name, artifact_location=artifact_location)
+
+
+def start_run(
+    tracking_uri: str,
+    experiment: str,
+    run_name: str,
+    *,
+    parent_run_id: str | None = None,
+    tags: Mapping[str, str] | None = None,
+) -> str:
+    """Create a run (nested under ``parent_run_id`` when given) and return its id. The run stays
+    RUNNING until :func:`end_run`; any process may log to it by id."""
+    client = MlflowClient(tracking_uri)
+    experiment_id = ensure_experiment(experiment, tracking_uri)
+    all_tags = dict(tags or {})
+    if parent_run_id:
+        all_tags[PARENT_RUN_TAG] = parent_run_id
+    run = client.create_run(experiment_id, run_name=run_name, tags=all_tags)
+    return run.info.run_id
+
+
+def end_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:
+    MlflowClient(tracking_uri).set_terminated(run_id, status=status)
+
+
+def find_run(tracking_uri: str, experiment: str, tags: Mapping[str, str], statuses=("RUNNING", "FINISHED", "FAILED", "KILLED")) -> str | None:
+    """The newest run of ``experiment`` carrying all ``tags`` (used to resume a stage's run)."""
+    client = MlflowClient(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return None
+    query = " and ".join(f"tags.`{key}` = '{value}'" for key, value in tags.items())
+    runs = client.search_runs([found.experiment_id], filter_string=query, order_by=["attributes.start_time DESC"], max_results=20)
+    runs = [run for run in runs if run.info.status in statuses]
+    return runs[0].info.run_id if runs else None
+
+
+def flatten_params(params: Mapping, prefix: str = "") -> dict[str, str]:
+    """Nested configuration -> MLflow params ``model.embed_dim=192`` (MLflow params are flat strings)."""
+    flat: dict[str, str] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten_params(value, prefix=f"{name}."))
+        else:
+            flat[name] = str(value)[:6000]
+    return flat
+
+
+def log_params(tracking_uri: str, run_id: str, params: Mapping) -> None:
+    client = MlflowClient(tracking_uri)
+    existing = client.get_run(run_id).data.params
+    fresh = {k: v for k, v in flatten_params(params).items() if k not in existing}  # params are write-once
+    items = list(fresh.items())
+    for start in range(0, len(items), 100):  # MLflow's batch limit
+        client.log_batch(run_id, params=[mlflow.entities.Param(k, v) for k, v in items[start : start + 100]])
+
+
+class MetricBuffer:
+    """Metrics for one run, sent in batches; kept and retried when the tracking server is unreachable.
+
+    Training never waits on tracking for more than one bounded request: a failed flush keeps the
+    metrics (up to ``max_buffered``) and the next flush tries again.
+    """
+
+    def __init__(self, tracking_uri: str, run_id: str, flush_every_s: float = 5.0, max_buffered: int = 1_000_000):
+        self.client = MlflowClient(tracking_uri)
+        self.run_id = run_id
+        self.flush_every_s = flush_every_s
+        self.max_buffered = max_buffered
+        self.pending: list[Metric] = []
+        self.last_flush = time.monotonic()
+        self.failures = 0
+
+    def log(self, step: int, metrics: Mapping[str, float]) -> None:
+        now = int(time.time() * 1000)
+        self.pending.extend(Metric(key, float(value), now, step) for key, value in metrics.items() if _is_number(value))
+        if len(self.pending) > self.max_buffered:
+            dropped = len(self.pending) - self.max_buffered
+            log.warning("MLflow metric buffer full: dropping the %d oldest metrics", dropped)
+            self.pending = self.pending[dropped:]
+        if time.monotonic() - self.last_flush >= self.flush_every_s:
+            self.flush()
+
+    def flush(self) -> bool:
+        """Send what is pending; True when nothing is left over."""
+        self.last_flush = time.monotonic()
+        while self.pending:
+            batch = self.pending[:1000]  # MLflow's log_batch limit
+            try:
+                self.client.log_batch(self.run_id, metrics=batch)
+            except Exception as error:  # any transport or server error: keep the metrics, retry later
+                self.failures += 1
+                log.warning("MLflow unreachable (%s); %d metrics kept for retry", type(error).__name__, len(self.pending))
+                return False
+            del self.pending[: len(batch)]
+        return True
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
+
+
+@dataclass(frozen=True)
+class LoggedModel:
+    model_uri: str  # runs:/<run_id>/model
+    run_id: str
+
+
+def log_vit_model(
+    tracking_uri: str,
+    run_id: str,
+    model: VisionTransformer,
+    class_names: list[str],
+    *,
+    name: str = "model",
+) -> LoggedModel:
+    """Log ``model`` to ``run_id``: an exported MLflow pytorch model with a signature and a batch-2
+    input example (so the batch dimension stays dynamic), plus the plain weights, config and class
+    names fine-tuning needs."""
+    mlflow.set_tracking_uri(tracking_uri)
+    model = model.eval().cpu()
+    height, width = model.config.image_size
+    example = np.random.default_rng(0).standard_normal((2, model.config.in_chans, height, width)).astype(np.float32)
+    with torch.no_grad():
+        signature = infer_signature(example, model(torch.from_numpy(example)).numpy())
+    with tempfile.TemporaryDirectory() as tmp:
+        extra = _write_plain_model(Path(tmp), model, class_names)
+        with mlflow.start_run(run_id=run_id):
+            mlflow.pytorch.log_model(
+                model,
+                name=name,
+                signature=signature,
+                input_example=example,
+                extra_files=[str(path) for path in extra],
+                serialization_format="pt2",  # torch.export: loading it runs no pickle
+            )
+    return LoggedModel(model_uri=f"runs:/{run_id}/{name}", run_id=run_id)
+
+
+def _write_plain_model(folder: Path, model: VisionTransformer, class_names: list[str]) -> list[Path]:
+    weights, config, classes = folder / WEIGHTS_FILE, folder / CONFIG_FILE, folder / CLASSES_FILE
+    torch.save({key: value.detach().cpu() for key, value in model.state_dict().items()}, weights)
+    config.write_text(json.dumps(model.config.to_dict(), indent=2))
+    classes.write_text(json.dumps(list(class_names)))
+    return [weights, config, classes]
+
+
+def register_model(tracking_uri: str, model_uri: str, name: str, tags: Mapping[str, object], run_id: str) -> str:
+    """Register ``model_uri`` as a new version of ``name`` and return the version. Idempotent per run:
+    when ``run_id`` already registered a version of ``name`` (a resumed or repeated stage), that one is
+    returned, so reruns never create duplicate versions."""
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
+    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+    for version in client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"):
+        log.info("%s version %s was already registered by run %s", name, version.version, run_id)
+        return str(version.version)
+    version = mlflow.register_model(model_uri, name, tags={key: str(value) for key, value in tags.items()})
+    return str(version.version)
+
+
+@dataclass(frozen=True)
+class PlainModel:
+    """What fine-tuning and evaluation need from a logged ViT: no pickle, no exported graph."""
+
+    config: ViTConfig
+    state_dict: dict[str, torch.Tensor]
+    class_names: list[str]
+    source_uri: str
+
+
+def load_plain_model(tracking_uri: str, model_uri: str) -> PlainModel:
+    """Resolve ``models:/name/3``, ``models:/name@alias``, ``runs:/<id>/model`` or a local folder of a
+    logged ViT to its weights, config and class names."""
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
+    local = Path(model_uri)
+    if not local.exists():
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri))
+        except mlflow.exceptions.MlflowException as error:
+            raise ValueError(f"model {model_uri!r} cannot be resolved: {error.message}") from None
+    folder = local / "extra_files" if (local / "extra_files").is_dir() else local
+    missing = [f for f in (WEIGHTS_FILE, CONFIG_FILE, CLASSES_FILE) if not (folder / f).is_file()]
+    if missing:
+        raise ValueError(f"model {model_uri!r} is not a vitflow ViT: {', '.join(missing)} missing in {folder}")
+    config = ViTConfig.from_dict(json.loads((folder / CONFIG_FILE).read_text()))
+    state_dict = torch.load(folder / WEIGHTS_FILE, map_location="cpu", weights_only=True)
+    class_names = json.loads((folder / CLASSES_FILE).read_text())
+    return PlainModel(config=config, state_dict=state_dict, class_names=class_names, source_uri=model_uri)
