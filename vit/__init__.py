@@ -3,10 +3,29 @@ nothing here imports ray or mlflow."""
 
 from vit.checkpoint import adapt_state_dict, from_timm_state_dict, load_pretrained, resample_pos_embed, to_timm_state_dict
 from vit.config import VARIANTS, ViTConfig, decode_variant
+from vit.data import Batch, DataConfig, DataError, ShardLoader, eval_loader, read_dataset_index, train_loader
 from vit.flops import forward_flops, gflops, train_flops
+from vit.loop import NonFiniteLossError, TrainConfig, evaluate, fit, load_checkpoint
 from vit.model import VisionTransformer
+from vit.optim import OptimConfig, build_optimizer, build_schedule, param_groups
 
 __all__ = [
+    "Batch",
+    "DataConfig",
+    "DataError",
+    "NonFiniteLossError",
+    "OptimConfig",
+    "ShardLoader",
+    "TrainConfig",
+    "build_optimizer",
+    "build_schedule",
+    "eval_loader",
+    "evaluate",
+    "fit",
+    "load_checkpoint",
+    "param_groups",
+    "read_dataset_index",
+    "train_loader",
     "VARIANTS",
     "ViTConfig",
     "VisionTransformer",

@@ -574,8 +574,11 @@ class ShardLoader:
         stream = _EpochStream(shards, order, self._ranges, config=self.config, num_classes=self.num_classes,
                               train=self.train, epoch=epoch, rank=self.rank, start_batch=start_batch)
         workers = self.config.num_workers
+        # Its own generator: creating a DataLoader iterator otherwise draws from the global torch RNG, and a
+        # resumed run creates one at a different moment than the uninterrupted run did.
+        generator = torch.Generator().manual_seed(derive_seed(self.config.seed, epoch, self.rank, start_batch))
         loader = DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=self.config.pin_memory,
-                            persistent_workers=False)
+                            persistent_workers=False, generator=generator)
         return self._counted(loader)
 
     def _counted(self, loader: DataLoader) -> Iterator[Batch]:

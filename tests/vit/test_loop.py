@@ -1,0 +1,183 @@
+"""fit / evaluate on CPU with a tiny ViT: learning, reporting, checkpoints, exact resume, gradient
+accumulation, precisions, divergence."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.vit.test_data import write_dataset
+from vit import VisionTransformer, ViTConfig
+from vit.data import DataConfig, eval_loader, train_loader
+from vit.loop import CHECKPOINT_FILE, NonFiniteLossError, TrainConfig, evaluate, fit, load_checkpoint
+from vit.optim import OptimConfig
+
+
+def tiny_model(seed: int = 0, **overrides) -> VisionTransformer:
+    torch.manual_seed(seed)
+    fields = dict(image_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=10)
+    fields.update(overrides)
+    return VisionTransformer(ViTConfig(**fields))
+
+
+class Recorder:
+    """A ``report`` callable that keeps every call."""
+
+    def __init__(self):
+        self.calls: list[tuple[int, dict, str | None]] = []
+
+    def __call__(self, step, metrics, checkpoint_dir=None):
+        self.calls.append((step, dict(metrics), checkpoint_dir))
+
+    def steps(self, key: str) -> list[int]:
+        return [step for step, metrics, _ in self.calls if key in metrics]
+
+
+class TensorData:
+    """In-memory ``EpochData``: a fixed per-epoch permutation, so runs with different batch sizes see the
+    same sample order."""
+
+    def __init__(self, images: torch.Tensor, targets: torch.Tensor, batch_size: int):
+        self.images, self.targets, self.batch_size = images, targets, batch_size
+        self.batches_per_epoch = len(images) // batch_size
+
+    def epoch(self, epoch: int, start_batch: int = 0):
+        order = torch.randperm(len(self.images), generator=torch.Generator().manual_seed(epoch))
+        for index in range(start_batch, self.batches_per_epoch):
+            chosen = order[index * self.batch_size : (index + 1) * self.batch_size]
+            yield self.images[chosen], self.targets[chosen]
+
+    def __iter__(self):
+        return self.epoch(0)
+
+
+def random_data(count: int = 32, batch_size: int = 4) -> TensorData:
+    generator = torch.Generator().manual_seed(1)
+    return TensorData(torch.randn(count, 3, 32, 32, generator=generator),
+                      torch.randint(0, 10, (count,), generator=generator), batch_size)
+
+
+@pytest.fixture(scope="module")
+def cifar(tmp_path_factory):
+    return write_dataset(tmp_path_factory.mktemp("cifar"), {"train": [40, 24, 31, 33], "val": [20, 12]})
+
+
+def data_config(**overrides) -> DataConfig:
+    fields = dict(batch_size=16, num_workers=0, shuffle_buffer=32, image_size=32, crop_scale=(0.6, 1.0),
+                  crop_pct=1.0, mean=(0.49, 0.48, 0.45), std=(0.25, 0.24, 0.26))
+    fields.update(overrides)
+    return DataConfig(**fields)
+
+
+def test_loss_goes_down_on_cifar_shards(cifar):
+    train = train_loader(cifar, data_config(), rank=0, world_size=1)
+    val = eval_loader(cifar, data_config(), rank=0, world_size=1)
+    report = Recorder()
+    config = TrainConfig(total_steps=48, log_every=8, eval_every=24,
+                         optim=OptimConfig(lr=3e-3, weight_decay=0.01, warmup_steps=4))
+    final = fit(tiny_model(), train, val, config, report=report)
+    losses = [m["train/loss"] for _, m, _ in report.calls if "train/loss" in m]
+    assert losses[-1] < 0.9 * losses[0], losses  # 2.28 -> 1.98 when written
+    assert report.steps("val/top1") == [24, 48] and final["val/num_samples"] == 32
+    assert 0 <= final["val/top1"] <= final["val/top5"] <= 1
+
+
+def test_reports_at_log_eval_and_checkpoint_steps(tmp_path):
+    report = Recorder()
+    config = TrainConfig(total_steps=8, log_every=2, eval_every=4, checkpoint_every=5)
+    fit(tiny_model(), random_data(), random_data(8), config, report=report, checkpoint_dir=tmp_path)
+    assert [step for step, _, _ in report.calls] == [2, 4, 5, 6, 8]
+    assert report.steps("train/loss") == [2, 4, 6, 8] and report.steps("val/top1") == [4, 8]
+    assert {"train/loss", "train/lr", "train/grad_norm", "train/images_per_sec", "train/epoch"} <= set(report.calls[0][1])
+    checkpoints = {step: directory for step, _, directory in report.calls if directory}
+    assert checkpoints == {5: str(tmp_path / "step-000005"), 8: str(tmp_path / "step-000008")}
+    state = torch.load(tmp_path / "step-000005" / CHECKPOINT_FILE, weights_only=True)
+    assert state["step"] == 5 and (state["epoch"], state["batch_in_epoch"]) == (0, 5)
+    assert ViTConfig.from_dict(state["model_config"]).embed_dim == 32
+    assert TrainConfig.from_dict(state["train_config"]) == config
+    assert isinstance(state["rng"]["torch"], torch.Tensor)
+
+
+def test_resume_ends_at_total_steps_with_the_same_weights(cifar, tmp_path):
+    """Dropout and augmentation are on: the RNG state, data position and schedule all have to resume."""
+    data = data_config(batch_size=8, mixup_alpha=0.5, randaugment=True)
+    config = TrainConfig(total_steps=11, grad_accum_steps=2, checkpoint_every=3, log_every=7, label_smoothing=0.1,
+                         optim=OptimConfig(lr=2e-3, warmup_steps=3))
+    model_config = dict(dropout=0.1, drop_path=0.1)
+
+    def run(directory, resume_from=None, seed=0):
+        report = Recorder()
+        model = tiny_model(seed, **model_config)
+        fit(model, train_loader(cifar, data, rank=0, world_size=1), None, config, report=report,
+            checkpoint_dir=directory, resume_from=resume_from)
+        return model, report
+
+    full, _ = run(tmp_path / "full")
+    # 128 samples / 8 = 16 batches an epoch, 2 per step: step 9 is batch 2 of epoch 1.
+    midway = load_checkpoint(tmp_path / "full" / "step-000009")
+    assert (midway["epoch"], midway["batch_in_epoch"]) == (1, 2)
+    resumed, report = run(tmp_path / "resumed", resume_from=tmp_path / "full" / "step-000009", seed=123)
+    assert [step for step, _, _ in report.calls] == [11]
+    assert report.calls[-1][2] == str(tmp_path / "resumed" / "step-000011")
+    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
+def test_gradient_accumulation_matches_a_larger_batch():
+    config = dict(total_steps=3, log_every=3, optim=OptimConfig(lr=1e-3, grad_clip_norm=None))
+    small, large = tiny_model(), tiny_model()
+    fit(small, random_data(batch_size=4), None, TrainConfig(grad_accum_steps=2, **config), report=Recorder())
+    fit(large, random_data(batch_size=8), None, TrainConfig(grad_accum_steps=1, **config), report=Recorder())
+    for (name, a), b in zip(small.state_dict().items(), large.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_bf16_autocast_runs_on_cpu():
+    report = Recorder()
+    fit(tiny_model(), random_data(), random_data(8), TrainConfig(total_steps=2, log_every=1, precision="bf16"),
+        report=report)
+    assert all(torch.isfinite(torch.tensor(m["train/loss"])) for _, m, _ in report.calls)
+    assert "val/top1" in report.calls[-1][1]
+
+
+def test_fp16_on_cpu_is_a_clear_error():
+    with pytest.raises(ValueError, match="fp16.*CUDA.*bf16"):
+        fit(tiny_model(), random_data(), None, TrainConfig(total_steps=1, precision="fp16"), report=Recorder())
+
+
+def test_nan_loss_is_a_clear_error():
+    model = tiny_model()
+    with torch.no_grad():
+        model.head.bias.fill_(float("nan"))
+    with pytest.raises(NonFiniteLossError, match="loss is nan at step 1"):
+        fit(model, random_data(), None, TrainConfig(total_steps=3), report=Recorder())
+
+
+def test_evaluate_sums_through_the_injected_all_reduce():
+    model, data = tiny_model(), random_data(12, batch_size=5)
+    batches = [(data.images[:5], data.targets[:5]), (data.images[5:12], data.targets[5:12])]
+    whole = evaluate(model, batches)
+    halves = [evaluate(model, [b], all_reduce=lambda t: t) for b in batches]
+    shares = iter([torch.tensor([h[k] * h["num_samples"] for k in ("loss", "top1", "top5")] + [h["num_samples"]],
+                                dtype=torch.float64) for h in halves])
+    first = next(shares)
+    combined = evaluate(model, batches[1:], all_reduce=lambda t: t + first)
+    assert whole["num_samples"] == combined["num_samples"] == 12
+    for key in ("loss", "top1", "top5"):
+        assert combined[key] == pytest.approx(whole[key])
+
+
+def test_train_config_is_checked_early():
+    with pytest.raises(ValueError, match="precision must be"):
+        TrainConfig(total_steps=1, precision="fp8")
+    with pytest.raises(ValueError, match="unknown TrainConfig keys: steps"):
+        TrainConfig.from_dict({"steps": 3})
+    config = TrainConfig(total_steps=5, optim=OptimConfig(optimizer="sgd"))
+    assert TrainConfig.from_dict(config.to_dict()) == config
+
+
+@pytest.mark.slow
+def test_compiled_training_runs():
+    report = Recorder()
+    fit(tiny_model(), random_data(), None, TrainConfig(total_steps=2, log_every=1, compile=True), report=report)
+    assert report.steps("train/loss") == [1, 2]

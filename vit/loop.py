@@ -1,0 +1,370 @@
+"""The training loop: ``fit`` (train, evaluate, checkpoint, resume) and ``evaluate``. Plain PyTorch.
+
+The loop talks to the outside world through two things only (STYLE.md, "every boundary is a contract"):
+
+- ``report(step, metrics, checkpoint_dir=None)``, a callable it is given. Every rank calls it at the same
+  steps (log, eval and checkpoint steps), so a caller may wrap a collective such as ``ray.train.report``;
+  only rank 0 writes checkpoints, and passes ``checkpoint_dir`` where it did.
+- checkpoint directories ``<checkpoint_dir>/step-NNNNNN/checkpoint.pt`` (:data:`CHECKPOINT_FILE`): plain
+  tensors and primitive containers that load with ``torch.load(weights_only=True)``.
+
+Distributed training is the caller's business: it passes ``rank`` and a ``prepare_model`` hook (e.g. one
+that wraps the model in ``DistributedDataParallel``); gradient accumulation then skips the gradient
+all-reduce on all but the last micro-batch (``no_sync``). ``evaluate`` all-reduces its sums through an
+injected callable, or ``torch.distributed`` when a process group is initialised.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import random
+import shutil
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vit.data import derive_seed
+from vit.optim import OptimConfig, build_optimizer, build_schedule
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FILE = "checkpoint.pt"
+CHECKPOINT_FORMAT = "vitflow-checkpoint"
+CHECKPOINT_VERSION = 1
+
+Precision = Literal["fp32", "bf16", "fp16"]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite: the run diverged (early-stopping signal for tuning)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """One training run. A step is one optimiser step of ``grad_accum_steps`` loader batches."""
+
+    total_steps: int
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    grad_accum_steps: int = 1
+    label_smoothing: float = 0.0
+    precision: Precision = "fp32"  # bf16: autocast (CPU or CUDA); fp16: autocast + GradScaler (CUDA only)
+    compile: bool = False  # torch.compile the training forward
+    log_every: int = 10
+    eval_every: int = 0  # 0: evaluate only at the end
+    checkpoint_every: int = 0  # 0: checkpoint only at the end
+    seed: int = 0  # dropout / stochastic depth randomness (per rank: derived from seed and rank)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.optim, Mapping):
+            object.__setattr__(self, "optim", OptimConfig.from_dict(dict(self.optim)))
+        problems = []
+        for name in ("total_steps", "grad_accum_steps", "log_every"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                problems.append(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        for name in ("eval_every", "checkpoint_every", "seed"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                problems.append(f"{name} must be an integer >= 0, got {getattr(self, name)!r}")
+        if not 0 <= self.label_smoothing < 1:
+            problems.append(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            problems.append(f"precision must be 'fp32', 'bf16' or 'fp16', got {self.precision!r}")
+        if isinstance(self.total_steps, int) and self.optim.warmup_steps > self.total_steps:
+            problems.append(f"optim.warmup_steps {self.optim.warmup_steps} exceed total_steps {self.total_steps}")
+        if problems:
+            raise ValueError("invalid TrainConfig: " + "; ".join(problems))
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        data["optim"] = self.optim.to_dict()
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
+        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown TrainConfig keys: {', '.join(unknown)}")
+        return cls(**data)
+
+
+class EpochData(Protocol):
+    """What ``fit`` trains on (``vit.data.ShardLoader`` is one): the same number of batches on every
+    rank, and an epoch that can start at a given batch. Batches are ``(images, targets, ...)``; targets are
+    (B,) class indices or (B, K) soft targets."""
+
+    batches_per_epoch: int
+
+    def epoch(self, epoch: int, start_batch: int = 0) -> Iterable[Any]: ...
+
+
+class Report(Protocol):
+    def __call__(self, step: int, metrics: dict[str, float], checkpoint_dir: str | None = None) -> None: ...
+
+
+# --- precision -----------------------------------------------------------------------------------
+
+
+def check_precision(precision: Precision, device: torch.device) -> None:
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError(
+            f"precision 'fp16' needs a CUDA device (it relies on a GradScaler), got device {device.type!r}; "
+            "use 'bf16' on the CPU"
+        )
+
+
+def autocast(precision: Precision, device: torch.device) -> contextlib.AbstractContextManager:
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+# --- evaluation ----------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: Iterable[Any], *, device: str | torch.device = "cpu",
+             precision: Precision = "fp32",
+             all_reduce: Callable[[torch.Tensor], torch.Tensor | None] | None = None) -> dict[str, float]:
+    """Loss (cross-entropy, no smoothing), top-1 and top-5 accuracy over every batch of ``data``.
+
+    With several ranks each passes its own share; the sums are combined by ``all_reduce`` (a sum,
+    in place or returned), or by ``torch.distributed.all_reduce`` when a process group is initialised.
+    Pass ``all_reduce=lambda t: t`` to evaluate one rank's share alone. Give the model unwrapped (not
+    DDP): ranks may hold different batch counts, and only this final reduction synchronises them.
+    """
+    device = torch.device(device)
+    check_precision(precision, device)
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top-1 hits, top-5 hits, samples
+    for batch in data:
+        images, targets = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+        with autocast(precision, device):
+            logits = model(images)
+        logits = logits.float()  # (B, K)
+        labels = targets.argmax(dim=1) if targets.ndim == 2 else targets
+        loss = F.cross_entropy(logits, targets, reduction="sum")
+        hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]  # (B, k)
+        sums += torch.stack([loss.double(), hits[:, 0].sum().double(), hits.any(dim=1).sum().double(),
+                             torch.tensor(float(len(labels)), dtype=torch.float64, device=device)])
+    if all_reduce is not None:
+        reduced = all_reduce(sums)
+        sums = sums if reduced is None else reduced
+    elif torch.distributed.is_available() and torch.distributed.is_initialized():  # framework touch point
+        torch.distributed.all_reduce(sums)
+    model.train(was_training)
+    loss, top1, top5, count = sums.tolist()
+    if count == 0:
+        raise ValueError("evaluate got no samples")
+    return {"loss": loss / count, "top1": top1 / count, "top5": top5 / count, "num_samples": int(count)}
+
+
+# --- checkpoints ---------------------------------------------------------------------------------
+
+
+def _rng_state() -> dict[str, Any]:
+    """Every generator the loop or a caller may draw from, as tensors and primitives (weights_only)."""
+    version, mt_state, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "python": {"version": version, "state": torch.tensor(mt_state, dtype=torch.int64), "gauss": gauss},
+    }
+
+
+def _set_rng_state(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"].tolist()), p["gauss"]))
+
+
+def save_checkpoint(directory: str | Path, state: Mapping[str, Any]) -> Path:
+    """Write ``state`` to ``directory/step-NNNNNN/checkpoint.pt`` atomically (a fresh directory per
+    checkpoint, renamed into place) and return that directory."""
+    target = Path(directory) / f"step-{state['step']:06d}"
+    staging = target.with_name(target.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    torch.save(dict(state), staging / CHECKPOINT_FILE)
+    if target.exists():
+        shutil.rmtree(target)
+    staging.rename(target)
+    return target
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A checkpoint directory (or its ``checkpoint.pt``), loaded with ``weights_only=True`` on the CPU."""
+    path = Path(path)
+    file = path / CHECKPOINT_FILE if path.is_dir() else path
+    state = torch.load(file, map_location="cpu", weights_only=True)
+    if state.get("format") != CHECKPOINT_FORMAT or state.get("version") != CHECKPOINT_VERSION:
+        raise ValueError(f"{file}: not a {CHECKPOINT_FORMAT} v{CHECKPOINT_VERSION} checkpoint")
+    return state
+
+
+# --- training ------------------------------------------------------------------------------------
+
+
+def _batches(data: EpochData, epoch: int, start: int) -> Iterator[tuple[int, int, Any]]:
+    """(epoch, batches of it consumed so far, batch), forever, from batch ``start`` of ``epoch``."""
+    while True:
+        for index, batch in enumerate(data.epoch(epoch, start), start=start):
+            yield epoch, index + 1, batch
+        epoch, start = epoch + 1, 0
+
+
+def fit(
+    model: nn.Module,
+    train_data: EpochData,
+    eval_data: Iterable[Any] | None,
+    config: TrainConfig,
+    *,
+    report: Report,
+    checkpoint_dir: str | Path | None = None,
+    resume_from: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    rank: int = 0,
+    prepare_model: Callable[[nn.Module], nn.Module] | None = None,
+    all_reduce: Callable[[torch.Tensor], torch.Tensor | None] | None = None,
+    metadata: Mapping[str, Any] | None = None,
+) -> dict[str, float]:
+    """Train ``model`` for exactly ``config.total_steps`` optimiser steps; return the last metrics.
+
+    ``prepare_model`` runs after the model is on ``device`` and its weights are restored (e.g. to wrap it
+    in DDP); checkpoints and evaluation use the unwrapped ``model``. ``resume_from`` is a checkpoint
+    directory this function wrote: the run continues at its step, schedule and data position.
+    ``metadata`` (plain JSON-like values: data config, class names) is stored in every checkpoint.
+    """
+    device = torch.device(device)
+    check_precision(config.precision, device)
+    model.to(device)
+    optimizer = build_optimizer(model, config.optim)
+    schedule = build_schedule(optimizer, config.optim, config.total_steps)
+    scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
+    step, epoch, batch_in_epoch = 0, 0, 0
+    if resume_from is not None:
+        state = load_checkpoint(resume_from)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        scaler.load_state_dict(state["scaler"])
+        step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        _set_rng_state(state["rng"])
+        if rank != 0:  # only rank 0's generators were saved; the others start a fresh, distinct stream
+            torch.manual_seed(derive_seed(config.seed, rank, step))
+        log.info("resumed from %s at step %d (epoch %d, batch %d)", resume_from, step, epoch, batch_in_epoch)
+    else:
+        torch.manual_seed(derive_seed(config.seed, rank))
+    prepared = prepare_model(model) if prepare_model is not None else model
+    no_sync = getattr(prepared, "no_sync", None)  # DDP: skip the all-reduce on accumulation micro-batches
+    forward = torch.compile(prepared) if config.compile else prepared
+
+    latest: dict[str, float] = {}
+    if step >= config.total_steps:
+        return latest
+    extra = dict(metadata or {})
+    stream = _batches(train_data, epoch, batch_in_epoch)
+    accum = config.grad_accum_steps
+    loss_sum, logged_steps, images_seen = torch.zeros((), device=device), 0, 0
+    tick, paused = time.perf_counter(), 0.0  # paused: evaluation and checkpoint time, not counted in img/s
+    forward.train()
+    try:
+        while step < config.total_steps:
+            optimizer.zero_grad(set_to_none=True)
+            step_loss = torch.zeros((), device=device)
+            for micro in range(accum):
+                epoch, batch_in_epoch, batch = next(stream)
+                images = batch[0].to(device, non_blocking=True)
+                targets = batch[1].to(device, non_blocking=True)
+                sync = no_sync() if no_sync is not None and micro < accum - 1 else contextlib.nullcontext()
+                with sync:
+                    with autocast(config.precision, device):
+                        logits = forward(images)  # (B, K)
+                    loss = F.cross_entropy(logits.float(), targets, label_smoothing=config.label_smoothing)
+                    scaler.scale(loss / accum).backward()
+                step_loss += loss.detach() / accum
+                images_seen += images.shape[0]
+            if not torch.isfinite(step_loss):
+                raise NonFiniteLossError(
+                    f"training loss is {step_loss.item()} at step {step + 1} (epoch {epoch}); the run diverged "
+                    f"(lr {optimizer.param_groups[0]['lr']:.3g}, precision {config.precision})"
+                )
+            scaler.unscale_(optimizer)
+            max_norm = config.optim.grad_clip_norm if config.optim.grad_clip_norm is not None else math.inf
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+            lr = optimizer.param_groups[0]["lr"]
+            scaler.step(optimizer)
+            scaler.update()
+            schedule.step()
+            step += 1
+            if batch_in_epoch == train_data.batches_per_epoch:
+                epoch, batch_in_epoch = epoch + 1, 0
+            loss_sum += step_loss
+            logged_steps += 1
+
+            metrics: dict[str, float] = {}
+            final = step == config.total_steps
+            if step % config.log_every == 0 or final:
+                elapsed = time.perf_counter() - tick - paused
+                metrics.update({
+                    "train/loss": (loss_sum / logged_steps).item(),
+                    "train/lr": lr,
+                    "train/grad_norm": float(grad_norm),
+                    "train/images_per_sec": images_seen / max(elapsed, 1e-9),  # this rank's
+                    "train/epoch": epoch + batch_in_epoch / train_data.batches_per_epoch,
+                })
+                stats = getattr(train_data, "stats", None)
+                if stats is not None:
+                    metrics.update({"data/bad_samples": stats.bad_samples, "data/bad_shards": stats.bad_shards})
+                loss_sum.zero_()
+                logged_steps, images_seen = 0, 0
+                tick, paused = time.perf_counter(), 0.0
+            started = time.perf_counter()
+            if eval_data is not None and (final or (config.eval_every and step % config.eval_every == 0)):
+                results = evaluate(model, eval_data, device=device, precision=config.precision, all_reduce=all_reduce)
+                metrics.update({f"val/{name}": value for name, value in results.items()})
+                forward.train()
+            saved = None
+            if final or (config.checkpoint_every and step % config.checkpoint_every == 0):
+                if rank == 0 and checkpoint_dir is not None:
+                    saved = save_checkpoint(checkpoint_dir, {
+                        "format": CHECKPOINT_FORMAT,
+                        "version": CHECKPOINT_VERSION,
+                        "step": step,
+                        "epoch": epoch,
+                        "batch_in_epoch": batch_in_epoch,
+                        "model": model.state_dict(),
+                        "model_config": model.config.to_dict() if hasattr(model, "config") else {},
+                        "optimizer": optimizer.state_dict(),
+                        "schedule": schedule.state_dict(),
+                        "scaler": scaler.state_dict(),
+                        "rng": _rng_state(),
+                        "train_config": config.to_dict(),
+                        "metadata": extra,
+                    })
+                metrics.setdefault("train/epoch", epoch + batch_in_epoch / train_data.batches_per_epoch)
+            if metrics:
+                latest.update(metrics)
+                log.info("step %d/%d %s", step, config.total_steps,
+                         " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+                report(step, metrics, checkpoint_dir=str(saved) if saved is not None else None)
+            paused += time.perf_counter() - started
+    finally:
+        stream.close()  # shuts down the epoch's loader workers
+    return latest
