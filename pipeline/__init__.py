@@ -12,9 +12,9 @@ from typing import Any
 _EXPORTS = {
     "ShardConfig": "pipeline.config",
     "write_shards": "pipeline.shards",
-    "verify_shards": "pipeline.shards",
+    "verify_shards": "pipeline.verify",
     "ShardResult": "pipeline.shards",
-    "VerifyReport": "pipeline.shards",
+    "VerifyReport": "pipeline.verify",
     "open_source": "pipeline.sources",
     "SourceError": "pipeline.sources",
     "DatasetInfo": "pipeline.manifest",

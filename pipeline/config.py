@@ -10,7 +10,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 
-KeptFormat = Literal["jpeg", "png", "webp", "gif", "bmp", "tiff"]
+# Encodings a shard may store as-is: those every reader of the format decodes (docs/FORMAT.md).
+# GIF, BMP and TIFF inputs are always re-encoded as JPEG.
+KeptFormat = Literal["jpeg", "png", "webp"]
 
 
 class ShardConfig(BaseModel):

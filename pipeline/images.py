@@ -11,13 +11,15 @@ Paths, fastest first (figures in ``docs/BENCHMARKS.md``):
 
 Images already within bounds, in a kept format, plain 8-bit RGB and upright keep their original
 bytes; they are still decoded in full once, so a truncated or corrupt file never reaches a shard.
-Every failure is an :class:`ImageRejected` with a :class:`~pipeline.manifest.Reason`.
+Every failure is an :class:`Rejected` with a :class:`~pipeline.manifest.Reason`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,10 +29,11 @@ from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from pipeline.manifest import Reason
+from pipeline.manifest import Reason, Rejected
 
-# PIL format name -> file extension used in shards (the real encoding, so readers pick the right decoder).
-EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tiff"}
+# PIL format name -> file extension of a kept original in a shard (the real encoding, so readers pick
+# the right decoder).
+EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 # EXIF orientations 5-8 rotate by 90 degrees: the displayed width and height are swapped.
 _TRANSPOSING_ORIENTATIONS = {5, 6, 7, 8}
 _FILTERS = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR}
@@ -38,15 +41,6 @@ _EXIF_ORIENTATION_TAG = 0x0112
 # Leading bytes of formats PIL can open: a file that starts like one but will not open is damaged,
 # a file that starts like none is not an image at all.
 _MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
-
-
-class ImageRejected(Exception):
-    """The input cannot be used; ``reason`` goes to ``quarantine.parquet``, ``detail`` explains."""
-
-    def __init__(self, reason: Reason, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
 
 
 @dataclass(frozen=True)
@@ -80,17 +74,17 @@ def process_image(
     keep_formats: frozenset[str],
     resample: str = "bicubic",
 ) -> ProcessedImage:
-    """Turn an input's bytes into what a shard stores; raises :class:`ImageRejected`.
+    """Turn an input's bytes into what a shard stores; raises :class:`Rejected`.
 
-    ``keep_formats`` holds lower-case PIL format names ("jpeg", "png", "webp", ...) whose original bytes
+    ``keep_formats`` holds lower-case format names ("jpeg", "png", "webp") whose original bytes
     may be stored unchanged when no other change is due; ``resample`` is "bicubic" or "bilinear".
     """
     if not data:
-        raise ImageRejected(Reason.EMPTY, "zero bytes")
+        raise Rejected(Reason.EMPTY, "zero bytes")
     image = _open(data)  # parses the header only
     width, height = image.size
     if width * height > max_pixels:
-        raise ImageRejected(Reason.TOO_MANY_PIXELS, f"{width}x{height} is over max_pixels={max_pixels}")
+        raise Rejected(Reason.TOO_MANY_PIXELS, f"{width}x{height} is over max_pixels={max_pixels}")
     orientation = _orientation(image)
     if orientation in _TRANSPOSING_ORIENTATIONS:
         width, height = height, width
@@ -118,8 +112,18 @@ def process_image(
         pixels = TF.resize(pixels, [target[1], target[0]], interpolation=_FILTERS[resample], antialias=True)
     # No .contiguous(): the resize returns channels-last memory, which is the (H, W, C) layout the
     # encoder wants; making it (C, H, W)-contiguous first would cost a copy each way.
-    encoded = encode_jpeg(pixels, quality=quality)
+    with _quiet_torchvision_io():
+        encoded = encode_jpeg(pixels, quality=quality)
     return ProcessedImage(encoded.numpy().tobytes(), "jpg", width, height, kept_original=False)
+
+
+@contextlib.contextmanager
+def _quiet_torchvision_io() -> Iterator[None]:
+    # torchvision 0.29 deprecates its image codecs in favour of TorchCodec and warns on every call.
+    # They remain the fastest libjpeg-turbo path available here; the move is a tracked follow-up.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The image decoding and encoding", category=DeprecationWarning)
+        yield
 
 
 def _open(data: bytes) -> Image.Image:
@@ -129,13 +133,13 @@ def _open(data: bytes) -> Image.Image:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             return Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as error:
-        raise ImageRejected(Reason.TOO_MANY_PIXELS, str(error)) from None
+        raise Rejected(Reason.TOO_MANY_PIXELS, str(error)) from None
     except UnidentifiedImageError:
         if data.startswith(_MAGIC) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP"):
-            raise ImageRejected(Reason.UNDECODABLE, "image header is damaged") from None
-        raise ImageRejected(Reason.NOT_AN_IMAGE, f"no known image format (starts with {data[:8]!r})") from None
+            raise Rejected(Reason.UNDECODABLE, "image header is damaged") from None
+        raise Rejected(Reason.NOT_AN_IMAGE, f"no known image format (starts with {data[:8]!r})") from None
     except Exception as error:  # PIL plugins raise assorted errors on malformed headers
-        raise ImageRejected(Reason.UNDECODABLE, f"header: {type(error).__name__}: {error}") from None
+        raise Rejected(Reason.UNDECODABLE, f"header: {type(error).__name__}: {error}") from None
 
 
 def _orientation(image: Image.Image) -> int:
@@ -161,7 +165,7 @@ def _check_jpeg_complete(data: bytes) -> None:
     # (FF D9) after the last start-of-scan (FF DA) means the file was not cut short.
     last_scan = data.rfind(b"\xff\xda")
     if last_scan < 0 or data.rfind(b"\xff\xd9") < last_scan:
-        raise ImageRejected(Reason.TRUNCATED, f"JPEG has no end-of-image marker after its last scan ({len(data)} bytes)")
+        raise Rejected(Reason.TRUNCATED, f"JPEG has no end-of-image marker after its last scan ({len(data)} bytes)")
 
 
 def _draft_helps(image: Image.Image, target: tuple[int, int] | None) -> bool:
@@ -173,15 +177,16 @@ def _draft_helps(image: Image.Image, target: tuple[int, int] | None) -> bool:
 def _decode_jpeg_fast(data: bytes) -> torch.Tensor:
     """(3, H, W) uint8, upright."""
     try:
-        return decode_jpeg(
-            torch.frombuffer(bytearray(data), dtype=torch.uint8),
-            mode=ImageReadMode.RGB,
-            apply_exif_orientation=True,
-        )
+        with _quiet_torchvision_io():
+            return decode_jpeg(
+                torch.frombuffer(bytearray(data), dtype=torch.uint8),
+                mode=ImageReadMode.RGB,
+                apply_exif_orientation=True,
+            )
     except RuntimeError as error:
         message = str(error)
         reason = Reason.TRUNCATED if "truncated" in message or "incomplete" in message else Reason.UNDECODABLE
-        raise ImageRejected(reason, f"libjpeg: {message.splitlines()[-1]}") from None
+        raise Rejected(reason, f"libjpeg: {message.splitlines()[-1]}") from None
 
 
 def _decode_pil(image: Image.Image, orientation: int, target: tuple[int, int] | None) -> torch.Tensor:
@@ -194,7 +199,9 @@ def _decode_pil(image: Image.Image, orientation: int, target: tuple[int, int] | 
     except (OSError, EOFError, SyntaxError, ValueError) as error:
         message = str(error)
         truncated = isinstance(error, EOFError) or "truncated" in message or "end of file" in message.lower()
-        raise ImageRejected(Reason.TRUNCATED if truncated else Reason.UNDECODABLE, f"{type(error).__name__}: {message}") from None
+        raise Rejected(
+            Reason.TRUNCATED if truncated else Reason.UNDECODABLE, f"{type(error).__name__}: {message}"
+        ) from None
     if orientation != 1:
         image = ImageOps.exif_transpose(image)
     rgb = np.asarray(_to_rgb(image))  # (H, W, 3)

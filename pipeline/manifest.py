@@ -51,6 +51,15 @@ class Reason(enum.StrEnum):
     PATH_ESCAPES_ROOT = "path_escapes_root"  # a manifest-table path that resolves outside the table's folder
 
 
+class Rejected(Exception):
+    """An input that cannot be used: ``reason`` goes to ``quarantine.parquet``, ``detail`` explains."""
+
+    def __init__(self, reason: Reason, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
 def shard_name(split: str, index: int) -> str:
     """The shard's path relative to ``OUT``: ``<split>/<split>-NNNNNN.tar``."""
     return f"{split}/{split}-{index:06d}.tar"
@@ -170,6 +179,11 @@ def load_dataset_info(root: str | os.PathLike[str]) -> DatasetInfo:
     return info
 
 
+def file_sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 def write_json_atomic(path: Path, doc: Any) -> None:
     """Write JSON through a temporary file and a rename, so readers never see half a file."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -186,9 +200,7 @@ def write_wids_index(root: Path, split: str, shards: Sequence[ShardInfo]) -> Non
     doc = {
         "wids_version": 1,
         "name": split,
-        "shardlist": [
-            {"url": Path(s.path).name, "nsamples": s.num_samples, "filesize": s.bytes} for s in shards
-        ],
+        "shardlist": [{"url": Path(s.path).name, "nsamples": s.num_samples, "filesize": s.bytes} for s in shards],
     }
     write_json_atomic(root / split / WIDS_INDEX_FILE, doc)
 
@@ -215,7 +227,9 @@ def _manifest_schema():
 def _quarantine_schema():
     import pyarrow as pa
 
-    return pa.schema([("source", pa.string()), ("split", pa.string()), ("reason", pa.string()), ("detail", pa.string())])
+    return pa.schema(
+        [("source", pa.string()), ("split", pa.string()), ("reason", pa.string()), ("detail", pa.string())]
+    )
 
 
 def _write_rows(path: Path, rows: Sequence[Mapping[str, Any]], schema) -> None:

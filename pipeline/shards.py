@@ -1,4 +1,4 @@
-"""Plan shards, write them (each task a whole shard, atomically, deterministically), verify them.
+"""Plan shards and write them: each task a whole shard, atomically and deterministically.
 
 The plan is a pure function of the source listing and the config: sample keys come from the split
 and the input's identity, the order from a seeded shuffle of the key-sorted inputs, shard boundaries
@@ -30,8 +30,8 @@ import torch
 
 from pipeline import manifest, parallel
 from pipeline.config import ShardConfig
-from pipeline.images import ImageRejected, process_image
-from pipeline.manifest import DatasetInfo, Reason, ShardInfo, SplitInfo
+from pipeline.images import process_image
+from pipeline.manifest import DatasetInfo, Reason, Rejected, ShardInfo, SplitInfo
 from pipeline.report import ShardProgress
 from pipeline.sources import Record, Scan, Source, Unusable, open_source
 
@@ -180,11 +180,6 @@ def _receipt_path(out: Path, shard: PlannedShard) -> Path:
     return out / manifest.WORK_DIR / f"{shard.split}-{shard.index:06d}.json"
 
 
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def _reusable(task: ShardTask) -> ShardOutcome | None:
     out = Path(task.out)
     try:
@@ -192,7 +187,7 @@ def _reusable(task: ShardTask) -> ShardOutcome | None:
         path = out / task.shard.path
         if receipt["digest"] != task.shard.digest or path.stat().st_size != receipt["shard"]["bytes"]:
             return None
-        if _sha256(path) != receipt["shard"]["sha256"]:
+        if manifest.file_sha256(path) != receipt["shard"]["sha256"]:
             return None
     except (OSError, ValueError, KeyError):
         return None
@@ -240,7 +235,7 @@ def _build(task: ShardTask, report: Callable[[int], None]) -> ShardOutcome:
     with open(tmp, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for key, (record, data) in zip(shard.keys, task.source.read(shard.records), strict=True):
             try:
-                if isinstance(data, ImageRejected):
+                if isinstance(data, Rejected):
                     raise data
                 image = process_image(
                     data,
@@ -250,22 +245,44 @@ def _build(task: ShardTask, report: Callable[[int], None]) -> ShardOutcome:
                     keep_formats=keep_formats,
                     resample=config.resample,
                 )
-            except ImageRejected as rejected:
-                quarantined.append({"source": record.source, "split": record.split, "reason": str(rejected.reason), "detail": rejected.detail})
+            except Rejected as rejected:
+                quarantined.append(
+                    {
+                        "source": record.source,
+                        "split": record.split,
+                        "reason": str(rejected.reason),
+                        "detail": rejected.detail,
+                    }
+                )
             except Exception as error:  # a bad image never stops the job, whatever the decoder raises
-                quarantined.append({"source": record.source, "split": record.split, "reason": str(Reason.UNDECODABLE), "detail": f"{type(error).__name__}: {error}"})
+                quarantined.append(
+                    {
+                        "source": record.source,
+                        "split": record.split,
+                        "reason": str(Reason.UNDECODABLE),
+                        "detail": f"{type(error).__name__}: {error}",
+                    }
+                )
             else:
                 label_name = task.class_names[record.label]
                 members = {
                     "cls": str(record.label).encode("ascii"),
                     image.extension: image.data,
                     "json": json.dumps(
-                        {"source": record.source, "width": image.width, "height": image.height, "label": record.label, "label_name": label_name},
+                        {
+                            "source": record.source,
+                            "width": image.width,
+                            "height": image.height,
+                            "label": record.label,
+                            "label_name": label_name,
+                        },
                         ensure_ascii=False,
                     ).encode("utf-8"),
                 }
                 for extension in sorted(members):
-                    tar.addfile(_tar_member(f"{key}.{extension}", len(members[extension])), io.BytesIO(members[extension]))
+                    tar.addfile(
+                        _tar_member(f"{key}.{extension}", len(members[extension])), io.BytesIO(members[extension])
+                    )
                 samples.append(
                     {
                         "key": key,
@@ -289,8 +306,13 @@ def _build(task: ShardTask, report: Callable[[int], None]) -> ShardOutcome:
         os.fsync(f.fileno())
     os.replace(tmp, final)  # atomic: readers and reruns see the whole shard or none
     report(pending)
-    info = ShardInfo(shard.path, len(samples), final.stat().st_size, _sha256(final))
-    receipt = {"digest": shard.digest, "shard": dataclasses.asdict(info), "samples": samples, "quarantined": quarantined}
+    info = ShardInfo(shard.path, len(samples), final.stat().st_size, manifest.file_sha256(final))
+    receipt = {
+        "digest": shard.digest,
+        "shard": dataclasses.asdict(info),
+        "samples": samples,
+        "quarantined": quarantined,
+    }
     manifest.write_json_atomic(_receipt_path(out, shard), receipt)
     return ShardOutcome(info, tuple(samples), tuple(quarantined), reused=False)
 
@@ -375,7 +397,9 @@ def write_shards(
 
     total = sum(len(t.shard.records) for t in tasks)
     with ShardProgress(total_images=total, total_shards=len(tasks), enabled=progress) as bar:
-        outcomes = parallel.map_tasks(build_shard, tasks, workers=workers, address=address, on_progress=bar.advance, on_done=bar.shard_done)
+        outcomes = parallel.map_tasks(
+            build_shard, tasks, workers=workers, address=address, on_progress=bar.advance, on_done=bar.shard_done
+        )
 
     info, samples, quarantined = _assemble(out, plan, config, source, outcomes)
     if len(samples) + len(quarantined) != plan.num_inputs:
@@ -426,82 +450,3 @@ def _assemble(
         created_by=f"vitflow {_version()}",
     )
     return info, samples, quarantined
-
-
-# -------------------------------------------------------------------------------------------- verify
-
-
-@dataclass(frozen=True)
-class DamagedShard:
-    path: str
-    problem: str
-
-
-@dataclass(frozen=True)
-class VerifyReport:
-    root: Path
-    num_shards: int
-    num_samples: int
-    damaged: tuple[DamagedShard, ...]
-    problems: tuple[str, ...]  # dataset-level: fingerprint, manifest or count disagreements
-
-    @property
-    def ok(self) -> bool:
-        return not self.damaged and not self.problems
-
-
-def _check_shard(path: Path, expected: ShardInfo, rows: Sequence[Mapping[str, Any]]) -> str | None:
-    if not path.is_file():
-        return "missing"
-    size = path.stat().st_size
-    if size != expected.bytes:
-        return f"{size} bytes, expected {expected.bytes}"
-    if _sha256(path) != expected.sha256:
-        return "sha256 differs from dataset.json"
-    members: dict[str, dict[str, bytes]] = defaultdict(dict)
-    try:
-        with tarfile.open(path, mode="r|") as tar:
-            for member in tar:
-                key, _, extension = member.name.partition(".")
-                members[key][extension] = tar.extractfile(member).read()
-    except (tarfile.TarError, OSError) as error:
-        return f"not a readable tar ({error})"
-    if len(members) != expected.num_samples:
-        return f"{len(members)} samples, expected {expected.num_samples}"
-    by_key = {row["key"]: row for row in rows}
-    for key, files in members.items():
-        row = by_key.get(key)
-        image = [data for ext, data in files.items() if ext not in ("cls", "json")]
-        if row is None or len(image) != 1 or "cls" not in files or "json" not in files:
-            return f"sample {key} is incomplete or not in manifest.parquet"
-        if hashlib.sha256(image[0]).hexdigest() != row["sha256"] or int(files["cls"]) != row["label"]:
-            return f"sample {key} differs from manifest.parquet"
-    return None
-
-
-def verify_shards(out: str | os.PathLike[str]) -> VerifyReport:
-    """Recompute every shard's checksum and sample count and compare with ``dataset.json`` and the manifest."""
-    info = manifest.load_dataset_info(out)
-    rows_by_shard: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    problems = []
-    try:
-        for row in manifest.read_manifest(out).to_pylist():
-            rows_by_shard[row["shard"]].append(row)
-    except OSError as error:
-        problems.append(f"{manifest.MANIFEST_FILE}: unreadable ({error})")
-    damaged, num_shards, num_samples = [], 0, 0
-    for split_name, split in info.splits.items():
-        if sum(s.num_samples for s in split.shards) != split.num_samples or sum(split.counts.values()) != split.num_samples:
-            problems.append(f"split {split_name}: shard and class counts do not add up to {split.num_samples}")
-        for shard in split.shards:
-            num_shards += 1
-            num_samples += shard.num_samples
-            rows = rows_by_shard.get(shard.path, [])
-            if len(rows) != shard.num_samples:
-                problems.append(f"{manifest.MANIFEST_FILE}: {len(rows)} rows for {shard.path}, expected {shard.num_samples}")
-            problem = _check_shard(info.root / shard.path, shard, rows)
-            if problem is not None:
-                damaged.append(DamagedShard(shard.path, problem))
-    if manifest.fingerprint(info.splits, info.class_names, info.config) != info.fingerprint:
-        problems.append("fingerprint does not match the shard checksums, class names and config")
-    return VerifyReport(info.root, num_shards, num_samples, tuple(damaged), tuple(problems))

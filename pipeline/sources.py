@@ -22,8 +22,7 @@ from typing import Any, ClassVar, Literal, Protocol
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from pipeline.images import ImageRejected
-from pipeline.manifest import Reason
+from pipeline.manifest import Reason, Rejected
 
 # Split folder / file / column names we recognise, and the name each is written under.
 SPLIT_ALIASES = {
@@ -79,7 +78,7 @@ class Source(Protocol):
 
     def scan(self) -> Scan: ...
 
-    def read(self, records: Sequence[Record]) -> Iterator[tuple[Record, bytes | ImageRejected]]:
+    def read(self, records: Sequence[Record]) -> Iterator[tuple[Record, bytes | Rejected]]:
         """Bytes of each record, in the order given, or why they could not be read."""
         ...
 
@@ -112,12 +111,12 @@ def _is_hidden(relative: str) -> bool:
     return any(part.startswith(".") for part in relative.split("/"))
 
 
-def _read_file(fs: pafs.FileSystem, path: str) -> bytes | ImageRejected:
+def _read_file(fs: pafs.FileSystem, path: str) -> bytes | Rejected:
     try:
         with fs.open_input_stream(path) as stream:
             return stream.read()
     except OSError as error:  # missing, a directory, permissions, a broken link (pyarrow's errors are OSErrors)
-        return ImageRejected(Reason.UNREADABLE_PATH, f"{type(error).__name__}: {error}")
+        return Rejected(Reason.UNREADABLE_PATH, f"{type(error).__name__}: {error}")
 
 
 @dataclass(frozen=True)
@@ -146,7 +145,11 @@ class ImageFolderSource:
         split_layout = bool(top_dirs) and all(split_name(d) for d in top_dirs)
         class_depth = 2 if split_layout else 1
         class_names = sorted(
-            {rel.split("/")[-1] for rel, info in entries if info.type == pafs.FileType.Directory and rel.count("/") == class_depth - 1}
+            {
+                rel.split("/")[-1]
+                for rel, info in entries
+                if info.type == pafs.FileType.Directory and rel.count("/") == class_depth - 1
+            }
         )
         label_of = {name: i for i, name in enumerate(class_names)}
 
@@ -164,13 +167,20 @@ class ImageFolderSource:
             elif split is None or len(inner) < 2:
                 rejected.append(Unusable(split, rel, Reason.UNKNOWN_LABEL, "not inside a class folder"))
             elif posixpath.splitext(rel)[1].lower() not in IMAGE_EXTENSIONS:
-                rejected.append(Unusable(split, rel, Reason.NOT_AN_IMAGE, f"extension {posixpath.splitext(rel)[1]!r} is not an image type"))
+                rejected.append(
+                    Unusable(
+                        split,
+                        rel,
+                        Reason.NOT_AN_IMAGE,
+                        f"extension {posixpath.splitext(rel)[1]!r} is not an image type",
+                    )
+                )
             else:
                 records.append(Record(split, rel, label_of[inner[0]], rel))
                 sizes.append(info.size or 0)
         return Scan(tuple(class_names), records, rejected, sum(sizes) / max(1, len(sizes)))
 
-    def read(self, records: Sequence[Record]) -> Iterator[tuple[Record, bytes | ImageRejected]]:
+    def read(self, records: Sequence[Record]) -> Iterator[tuple[Record, bytes | Rejected]]:
         fs, root = filesystem(self.uri)
         for record in records:
             yield record, _read_file(fs, f"{root}/{record.file}")
@@ -221,7 +231,9 @@ class ParquetSource:
                 schema = parquet.schema_arrow
                 _check_image_columns(schema, f"{base}/{file}")
                 if not pa.types.is_integer(schema.field("label").type):
-                    raise SourceError(f"{base}/{file}: column 'label' must hold integer class indices, not {schema.field('label').type}")
+                    raise SourceError(
+                        f"{base}/{file}: column 'label' must hold integer class indices, not {schema.field('label').type}"
+                    )
                 labels = parquet.read(columns=["label"]).column("label").to_pylist()
                 names = _hf_class_names(schema.metadata)
                 if names is not None:
@@ -251,7 +263,7 @@ class ParquetSource:
                     records.append(Record(split, source, int(label), file, row))
         return Scan(class_names, records, rejected, total_bytes / max(1, total_rows))
 
-    def read(self, records: Sequence[Record]) -> Iterator[tuple[Record, bytes | ImageRejected]]:
+    def read(self, records: Sequence[Record]) -> Iterator[tuple[Record, bytes | Rejected]]:
         import pyarrow.parquet as pq
 
         fs, root = filesystem(self.uri)
@@ -259,13 +271,13 @@ class ParquetSource:
         rows_by_file: dict[str, set[int]] = defaultdict(set)
         for record in records:
             rows_by_file[record.file].add(record.row)
-        found: dict[tuple[str, int], bytes | ImageRejected] = {}
+        found: dict[tuple[str, int], bytes | Rejected] = {}
         for file, rows in rows_by_file.items():
             try:
                 with fs.open_input_file(f"{base}/{file}") as handle:
                     found.update(_read_rows(pq.ParquetFile(handle), file, sorted(rows)))
             except OSError as error:
-                failure = ImageRejected(Reason.UNREADABLE_PATH, f"{file}: {type(error).__name__}: {error}")
+                failure = Rejected(Reason.UNREADABLE_PATH, f"{file}: {type(error).__name__}: {error}")
                 found.update({(file, row): failure for row in rows})
         for record in records:
             yield record, found[record.file, record.row]
@@ -322,11 +334,11 @@ def _split_of_file(file: str) -> str:
     return "train"
 
 
-def _read_rows(parquet, file: str, rows: list[int]) -> dict[tuple[str, int], bytes | ImageRejected]:
+def _read_rows(parquet, file: str, rows: list[int]) -> dict[tuple[str, int], bytes | Rejected]:
     """Read only the row groups holding ``rows`` (sorted), one group at a time to bound memory."""
     import pyarrow.compute as pc
 
-    out: dict[tuple[str, int], bytes | ImageRejected] = {}
+    out: dict[tuple[str, int], bytes | Rejected] = {}
     start, i = 0, 0
     for g in range(parquet.metadata.num_row_groups):
         end = start + parquet.metadata.row_group(g).num_rows
@@ -339,10 +351,10 @@ def _read_rows(parquet, file: str, rows: list[int]) -> dict[tuple[str, int], byt
             if pa.types.is_struct(column.type):
                 column = pc.struct_field(column, "bytes")
             for offset, value in zip(local, column.take(pa.array(local)).to_pylist()):
-                out[file, start + offset] = value if value else ImageRejected(Reason.EMPTY, "image bytes are null or empty")
+                out[file, start + offset] = value if value else Rejected(Reason.EMPTY, "image bytes are null or empty")
         start = end
     for row in rows[i:]:
-        out[file, row] = ImageRejected(Reason.UNREADABLE_PATH, f"row {row} is past the end of {file}")
+        out[file, row] = Rejected(Reason.UNREADABLE_PATH, f"row {row} is past the end of {file}")
     return out
 
 
@@ -369,7 +381,9 @@ class ManifestSource:
         table = _read_table(fs, path, self.uri)
         for column in ("path", "label"):
             if column not in table.column_names:
-                raise SourceError(f"{self.uri}: expected columns 'path' and 'label' (and optional 'split'), found {table.column_names}")
+                raise SourceError(
+                    f"{self.uri}: expected columns 'path' and 'label' (and optional 'split'), found {table.column_names}"
+                )
         paths = table.column("path").to_pylist()
         labels = table.column("label").to_pylist()
         splits = table.column("split").to_pylist() if "split" in table.column_names else [None] * len(paths)
@@ -388,7 +402,14 @@ class ManifestSource:
             elif relative is None:
                 rejected.append(Unusable(split, raw_path, Reason.PATH_ESCAPES_ROOT, f"resolves outside {root}"))
             elif index is None or not 0 <= index < len(class_names):
-                rejected.append(Unusable(split, relative, Reason.UNKNOWN_LABEL, f"label {label!r} is not one of the {len(class_names)} classes"))
+                rejected.append(
+                    Unusable(
+                        split,
+                        relative,
+                        Reason.UNKNOWN_LABEL,
+                        f"label {label!r} is not one of the {len(class_names)} classes",
+                    )
+                )
             else:
                 records.append(Record(split, relative, int(index), relative))
         return Scan(class_names, records, rejected, _mean_size(fs, root, records))
@@ -408,7 +429,7 @@ class ManifestSource:
             raise SourceError(f"{self.uri}: row {row}: split {raw!r} must be letters, digits, '_' or '-'")
         return name
 
-    def read(self, records: Sequence[Record]) -> Iterator[tuple[Record, bytes | ImageRejected]]:
+    def read(self, records: Sequence[Record]) -> Iterator[tuple[Record, bytes | Rejected]]:
         fs, _, root = self._root()
         for record in records:
             yield record, _read_file(fs, f"{root}/{record.file}")

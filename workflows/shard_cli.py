@@ -49,8 +49,22 @@ _OPTION_OF = {
     "limit": "--limit",
 }
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "KIB": 2**10, "M": 10**6, "MB": 10**6, "MIB": 2**20,
-          "G": 10**9, "GB": 10**9, "GIB": 2**30, "T": 10**12, "TB": 10**12, "TIB": 2**40}
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "K": 10**3,
+    "KB": 10**3,
+    "KIB": 2**10,
+    "M": 10**6,
+    "MB": 10**6,
+    "MIB": 2**20,
+    "G": 10**9,
+    "GB": 10**9,
+    "GIB": 2**30,
+    "T": 10**12,
+    "TB": 10**12,
+    "TIB": 2**40,
+}
 
 
 def parse_size(text: str) -> int:
@@ -68,12 +82,17 @@ def _comma_list(text: str | None) -> tuple[str, ...] | None:
 
 @shard_app.command("write")
 def write(
-    source: str = typer.Argument(..., help="an image folder, a Parquet file or folder (HF image layout), or a CSV/Parquet manifest table; a local path or URI"),
+    source: str = typer.Argument(
+        ...,
+        help="an image folder, a Parquet file or folder (HF image layout), or a CSV/Parquet manifest table; a local path or URI",
+    ),
     out: Path = typer.Argument(..., help="output folder (created; an earlier run there is resumed)"),
     max_size: int | None = typer.Option(None, help="resize so the shorter side is at most this (never upscales)"),
     resample: str = typer.Option("bicubic", help="resize filter: bicubic or bilinear"),
     quality: int = typer.Option(90, help="JPEG quality for re-encoded images"),
-    keep_formats: str = typer.Option("jpeg,png,webp", help="encodings kept as-is when no change is due ('' re-encodes all)"),
+    keep_formats: str = typer.Option(
+        "jpeg,png,webp", help="encodings kept as-is when no change is due ('' re-encodes all)"
+    ),
     max_pixels: int = typer.Option(89_478_485, help="quarantine images with more pixels"),
     shard_size: str = typer.Option("256MiB", help="target shard size"),
     shard_samples: int | None = typer.Option(None, help="at most this many samples per shard"),
@@ -83,17 +102,16 @@ def write(
     limit: int | None = typer.Option(None, help="at most this many inputs per split (tiny mode)"),
     source_kind: str = typer.Option("auto", help="auto, folder, parquet or manifest"),
     class_names: str | None = typer.Option(None, help="comma-separated class names (Parquet / manifest sources)"),
-    workers: int | None = typer.Option(None, help="shard tasks at once (default: all CPUs; 0: in this process, no Ray)"),
+    workers: int | None = typer.Option(
+        None, help="shard tasks at once (default: all CPUs; 0: in this process, no Ray)"
+    ),
     address: str | None = typer.Option(None, help="Ray cluster address (default: start a local Ray)"),
     progress: bool = typer.Option(True, help="show a progress bar"),
 ) -> None:
     """Shard SOURCE into OUT: OUT/<split>/<split>-NNNNNN.tar plus dataset.json, manifest.parquet, quarantine.parquet."""
     from pydantic import ValidationError
-    from rich.console import Console
 
     from pipeline.config import ShardConfig
-    from pipeline.report import summary_table
-    from pipeline.shards import write_shards
     from pipeline.sources import SourceError, open_source
     from workflows.cli import fail
 
@@ -121,8 +139,17 @@ def write(
         fail(f"--workers {workers}: must be 0 (no Ray) or more")
     try:
         opened = open_source(source, source_kind, _comma_list(class_names))  # type: ignore[arg-type]
+    except SourceError as error:
+        fail(str(error))
+
+    from rich.console import Console  # the heavy part (torch, Ray) only once the inputs check out
+
+    from pipeline.report import summary_table
+    from pipeline.shards import write_shards
+
+    try:
         result = write_shards(opened, out, config, workers=workers, address=address, progress=progress)
-    except (SourceError, ValueError) as error:
+    except ValueError as error:  # SourceError included: a table's bad split name, an unusable OUT
         fail(str(error))
     Console().print(summary_table(result))
 
@@ -130,7 +157,7 @@ def write(
 @shard_app.command("verify")
 def verify(out: Path = typer.Argument(..., help="a folder written by `vitflow shard`")) -> None:
     """Recompute every shard's sha256 and sample count; exit 1 listing damaged shards."""
-    from pipeline.shards import verify_shards
+    from pipeline.verify import verify_shards
     from workflows.cli import fail
 
     try:
@@ -143,4 +170,6 @@ def verify(out: Path = typer.Argument(..., help="a folder written by `vitflow sh
         for problem in report.problems:
             typer.echo(f"problem: {problem}", err=True)
         raise typer.Exit(1)
-    typer.echo(f"ok: {report.num_shards} shards, {report.num_samples} samples in {report.root} match dataset.json and manifest.parquet")
+    typer.echo(
+        f"ok: {report.num_shards} shards, {report.num_samples} samples in {report.root} match dataset.json and manifest.parquet"
+    )

@@ -1,0 +1,99 @@
+"""Check a sharded dataset against its own records: ``vitflow shard verify``.
+
+Needs only the standard library and pyarrow (no torch, no Ray), so it runs anywhere the shards are.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tarfile
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline import manifest
+from pipeline.manifest import ShardInfo
+
+
+@dataclass(frozen=True)
+class DamagedShard:
+    path: str
+    problem: str
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    root: Path
+    num_shards: int
+    num_samples: int
+    damaged: tuple[DamagedShard, ...]
+    problems: tuple[str, ...]  # dataset-level: fingerprint, manifest or count disagreements
+
+    @property
+    def ok(self) -> bool:
+        return not self.damaged and not self.problems
+
+
+def _check_shard(path: Path, expected: ShardInfo, rows: Sequence[Mapping[str, Any]]) -> str | None:
+    if not path.is_file():
+        return "missing"
+    size = path.stat().st_size
+    if size != expected.bytes:
+        return f"{size} bytes, expected {expected.bytes}"
+    if manifest.file_sha256(path) != expected.sha256:
+        return "sha256 differs from dataset.json"
+    members: dict[str, dict[str, bytes]] = defaultdict(dict)
+    try:
+        with tarfile.open(path, mode="r|") as tar:
+            for member in tar:
+                key, _, extension = member.name.partition(".")
+                members[key][extension] = tar.extractfile(member).read()
+    except (tarfile.TarError, OSError) as error:
+        return f"not a readable tar ({error})"
+    if len(members) != expected.num_samples:
+        return f"{len(members)} samples, expected {expected.num_samples}"
+    by_key = {row["key"]: row for row in rows}
+    for key, files in members.items():
+        row = by_key.get(key)
+        image = [data for ext, data in files.items() if ext not in ("cls", "json")]
+        if row is None or len(image) != 1 or "cls" not in files or "json" not in files:
+            return f"sample {key} is incomplete or not in manifest.parquet"
+        if hashlib.sha256(image[0]).hexdigest() != row["sha256"] or int(files["cls"]) != row["label"]:
+            return f"sample {key} differs from manifest.parquet"
+    return None
+
+
+def verify_shards(out: str | os.PathLike[str]) -> VerifyReport:
+    """Recompute every shard's checksum and sample count and compare with ``dataset.json`` and the manifest."""
+    info = manifest.load_dataset_info(out)
+    rows_by_shard: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    problems = []
+    try:
+        for row in manifest.read_manifest(out).to_pylist():
+            rows_by_shard[row["shard"]].append(row)
+    except OSError as error:
+        problems.append(f"{manifest.MANIFEST_FILE}: unreadable ({error})")
+    damaged, num_shards, num_samples = [], 0, 0
+    for split_name, split in info.splits.items():
+        if (
+            sum(s.num_samples for s in split.shards) != split.num_samples
+            or sum(split.counts.values()) != split.num_samples
+        ):
+            problems.append(f"split {split_name}: shard and class counts do not add up to {split.num_samples}")
+        for shard in split.shards:
+            num_shards += 1
+            num_samples += shard.num_samples
+            rows = rows_by_shard.get(shard.path, [])
+            if len(rows) != shard.num_samples:
+                problems.append(
+                    f"{manifest.MANIFEST_FILE}: {len(rows)} rows for {shard.path}, expected {shard.num_samples}"
+                )
+            problem = _check_shard(info.root / shard.path, shard, rows)
+            if problem is not None:
+                damaged.append(DamagedShard(shard.path, problem))
+    if manifest.fingerprint(info.splits, info.class_names, info.config) != info.fingerprint:
+        problems.append("fingerprint does not match the shard checksums, class names and config")
+    return VerifyReport(info.root, num_shards, num_samples, tuple(damaged), tuple(problems))
