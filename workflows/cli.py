@@ -80,6 +80,37 @@ def demo(
         fail(f"the model did not learn: loss {result.first_loss:.3f} -> {result.last_loss:.3f}", code=1)
 
 
+@app.command()
+def pretrain(
+    config: Path = typer.Argument(..., help="a YAML file with the pre-training configuration"),
+    parent_run_id: str | None = typer.Option(None, help="nest the MLflow run under this run"),
+) -> None:
+    """Pre-train a ViT on Ray Train from shards; log to MLflow and register it as vit-pretrained.
+
+    Running again with the same `name` resumes an interrupted run from its last checkpoint."""
+    import yaml
+    from pydantic import ValidationError
+
+    from workflows.pretrain import load_config, run_pretrain
+
+    if not config.is_file():
+        fail(f"{config}: no such file")
+    try:
+        settings = load_config(config)
+    except (ValidationError, yaml.YAMLError) as error:
+        fail(f"{config}: invalid configuration\n{error}")
+    try:
+        result = run_pretrain(settings, parent_run_id=parent_run_id)
+    except (FileNotFoundError, ValueError) as error:
+        fail(f"{config}: {error}")
+    typer.echo(f"model: {result.model_uri}")
+    if result.version:
+        typer.echo(f"registered: models:/{result.registered_name}/{result.version}")
+    for key in ("val/top1", "val/top5", "val/loss"):
+        if key in result.metrics:
+            typer.echo(f"{key}: {result.metrics[key]:.4f}")
+
+
 def main() -> None:
     app()
 

@@ -77,6 +77,39 @@ def start_run(
     return run.info.run_id
 
 
+def reopen_run(tracking_uri: str, run_id: str) -> None:
+    """Mark a run RUNNING again: a resumed stage keeps logging into the run it started."""
+    MlflowClient(tracking_uri).update_run(run_id, status="RUNNING")
+
+
+def log_dataset(tracking_uri: str, run_id: str, path: str, *, name: str, digest: str, context: str) -> None:
+    """Record a shard dataset as the run's input (``mlflow.data``), identified by its fingerprint."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+
+    source = resolve_dataset_source(path if "://" in path else str(Path(path).resolve()))
+    dataset = MetaDataset(source=source, name=name, digest=digest[:36])
+    MlflowClient(tracking_uri).log_inputs(
+        run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])]
+    )
+
+
+def finished_model(tracking_uri: str, run_id: str, registered_name: str | None) -> tuple[str, str | None, dict[str, float]] | None:
+    """(model URI, registered version, final metrics) of a FINISHED run that logged a model; else None."""
+    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+    run = client.get_run(run_id)
+    if run.info.status != "FINISHED" or not run.outputs or not run.outputs.model_outputs:
+        return None
+    version = None
+    if registered_name:
+        versions = client.search_model_versions(f"name = '{registered_name}' and run_id = '{run_id}'")
+        if not versions:
+            return None
+        version = str(versions[0].version)
+    return f"runs:/{run_id}/model", version, dict(run.data.metrics)
+
+
 def end_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:
     MlflowClient(tracking_uri).set_terminated(run_id, status=status)
 

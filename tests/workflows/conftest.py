@@ -1,0 +1,38 @@
+"""Fixtures for the workflow tests: real CIFAR-10 shards, a real local Ray, a real MLflow store."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from tests.conftest import DATASETS
+
+
+@pytest.fixture(scope="session")
+def cifar_shards(tmp_path_factory) -> Path:
+    """800 real CIFAR-10 images (640 train, 160 test) sharded by vitflow's own pipeline, 20% of train
+    carved out as validation: several shards per split, so ranks and loader workers split them."""
+    from pipeline import ShardConfig, write_shards
+
+    root = tmp_path_factory.mktemp("cifar-src")
+    for split, rows in (("train", 640), ("test", 160)):
+        name = f"{split}-00000-of-00001.parquet"
+        pq.write_table(pq.read_table(DATASETS / "cifar10" / name).slice(0, rows), root / name)
+    out = tmp_path_factory.mktemp("cifar-shards") / "cifar10"
+    write_shards(root, out, ShardConfig(val_fraction=0.2, max_shard_samples=100), workers=0, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def local_ray(tmp_path_factory):
+    """A real local Ray with 2 CPUs and its state under the test's temp dir; shut down afterwards."""
+    import ray
+
+    temp = tmp_path_factory.mktemp("ray")
+    os.environ["RAY_TMPDIR"] = str(temp)
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=str(temp), logging_level="WARNING")
+    yield ray
+    ray.shutdown()

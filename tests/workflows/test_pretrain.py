@@ -1,0 +1,107 @@
+"""Pre-training on a real 2-worker Ray Train run over real CIFAR-10 shards, tracked in a real MLflow store."""
+
+from __future__ import annotations
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from pydantic import ValidationError
+
+from vit import VisionTransformer
+from workflows import tracking
+from workflows.pretrain import PretrainConfig, run_pretrain
+
+
+def config(tmp_path, shards, name: str, **changes) -> PretrainConfig:
+    fields = dict(
+        name=name,
+        dataset=str(shards),
+        model={"variant": "Ti/8", "image_size": 32, "embed_dim": 48, "depth": 2, "num_heads": 3},
+        data={"batch_size": 32, "num_workers": 1, "shuffle_buffer": 64, "crop_scale": (0.5, 1.0), "mean": (0.49, 0.48, 0.45), "std": (0.25, 0.24, 0.26)},
+        train={"total_steps": 30, "log_every": 5, "checkpoint_every": 10, "optim": {"lr": 2e-3, "warmup_steps": 3, "weight_decay": 0.0}},
+        resources={"num_workers": 2},
+        storage_path=str(tmp_path / "runs"),
+        tracking={"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "pretrain-test"},
+    )
+    fields.update(changes)
+    return PretrainConfig.model_validate(fields)
+
+
+def loss_history(uri: str, run_id: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in MlflowClient(uri).get_metric_history(run_id, "train/loss"))
+
+
+@pytest.mark.slow
+def test_two_workers_learn_register_and_reload(tmp_path, cifar_shards, local_ray):
+    settings = config(tmp_path, cifar_shards, "ddp-2")
+    result = run_pretrain(settings)
+    uri = settings.tracking.uri
+    history = loss_history(uri, result.run_id)
+    assert [step for step, _ in history] == [5, 10, 15, 20, 25, 30]
+    assert np.mean([v for _, v in history[-2:]]) < history[0][1]  # the loss goes down
+    assert result.metrics["step"] == 30 and "val/top1" in result.metrics
+
+    client = MlflowClient(uri, registry_uri=uri)
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.embed_dim"] == "48" and run.data.params["train.total_steps"] == "30"
+    assert run.inputs.dataset_inputs and run.inputs.dataset_inputs[0].dataset.digest == result.dataset_fingerprint[:36]
+    version = client.get_model_version("vit-pretrained", result.version)
+    assert version.run_id == result.run_id
+    assert version.tags["variant"] == "Ti/8" and version.tags["image_size"] == "32" and version.tags["steps"] == "30"
+    assert version.tags["dataset_fingerprint"] == result.dataset_fingerprint
+
+    # The registered model loads back, both ways, and gives identical logits.
+    plain = tracking.load_plain_model(uri, f"models:/vit-pretrained/{result.version}")
+    model = VisionTransformer(plain.config).eval()
+    model.load_state_dict(plain.state_dict)
+    images = torch.randn(3, 3, 32, 32)
+    mlflow.set_tracking_uri(uri)
+    served = mlflow.pytorch.load_model(f"models:/vit-pretrained/{result.version}")
+    with torch.no_grad():
+        torch.testing.assert_close(served(images), model(images), rtol=0, atol=0)
+    predicted = mlflow.pyfunc.load_model(f"models:/vit-pretrained/{result.version}").predict(images.numpy())
+    np.testing.assert_allclose(predicted, model(images).detach().numpy(), rtol=0, atol=0)
+
+    # Running the finished configuration again reuses it: no second version.
+    again = run_pretrain(settings)
+    assert (again.run_id, again.version) == (result.run_id, result.version)
+    assert len(client.search_model_versions("name = 'vit-pretrained'")) == 1
+
+
+@pytest.mark.slow
+def test_a_failed_worker_is_replaced_and_training_resumes_from_the_checkpoint(tmp_path, cifar_shards, local_ray):
+    settings = config(tmp_path, cifar_shards, "fault-replaced", fail_at_step=12, max_failures=1, register_as=None)
+    result = run_pretrain(settings)
+    # Each step is logged once: the replacement group resumed at the step-10 checkpoint (not from 0)
+    # and stopped at exactly the configured 30 steps.
+    assert [step for step, _ in loss_history(settings.tracking.uri, result.run_id)] == [5, 10, 15, 20, 25, 30]
+    assert result.metrics["step"] == 30
+
+
+@pytest.mark.slow
+def test_an_interrupted_run_resumes_when_run_again(tmp_path, cifar_shards, local_ray):
+    settings = config(tmp_path, cifar_shards, "rerun", fail_at_step=12, max_failures=0, register_as=None)
+    with pytest.raises(Exception, match="fault drill"):
+        run_pretrain(settings)
+    uri = settings.tracking.uri
+    first = tracking.find_run(uri, "pretrain-test", {"vitflow.run_name": "rerun"})
+    assert [step for step, _ in loss_history(uri, first)] == [5, 10]
+    result = run_pretrain(settings)
+    assert result.run_id == first  # the same MLflow run continues
+    assert [step for step, _ in loss_history(uri, first)] == [5, 10, 15, 20, 25, 30]
+
+
+def test_configuration_errors_name_the_key(tmp_path, cifar_shards):
+    with pytest.raises(ValidationError, match=r"train\.optim\.lr"):
+        config(tmp_path, cifar_shards, "x", train={"total_steps": 5, "optim": {"lr": "fast"}})
+    with pytest.raises(ValidationError, match="not divisible by patch_size"):
+        config(tmp_path, cifar_shards, "x", model={"variant": "Ti/8", "image_size": 36})
+    with pytest.raises(ValidationError, match="unknown model option"):
+        config(tmp_path, cifar_shards, "x", model={"variant": "Ti/8", "image_size": 32, "hidden": 3})
+    with pytest.raises(ValidationError, match="resources.gpus"):
+        config(tmp_path, cifar_shards, "x", resources={"gpus": 2})
+    with pytest.raises(ValidationError, match="name"):
+        config(tmp_path, cifar_shards, "bad name/with slash")

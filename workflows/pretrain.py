@@ -1,0 +1,320 @@
+"""The pre-training stage: Ray Train (V2) runs ``vit.loop.fit`` with DDP over WebDataset shards;
+MLflow records the run; the final model is registered as ``vit-pretrained``.
+
+Fault tolerance is Ray Train's: ``FailureConfig(max_failures)`` replaces a failed worker group and the
+training function resumes from ``ray.train.get_checkpoint()``. A rerun with the same ``name`` and
+``storage_path`` resumes the same Ray Train run (its snapshot holds the latest checkpoint) and logs into
+the same MLflow run, so an interrupted pre-training picks up where it stopped.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from vit import ViTConfig, decode_variant, gflops
+from vit.data import DataConfig, read_dataset_index
+from vit.loop import TrainConfig
+
+STAGE_TAG = "vitflow.stage"
+NAME_TAG = "vitflow.run_name"
+
+
+class ModelSpec(BaseModel):
+    """A paper variant plus keyword overrides of ``ViTConfig`` (``num_classes`` comes from the data)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    variant: str = "Ti/16"
+    image_size: int | tuple[int, int] = 224
+
+    @model_validator(mode="after")
+    def _decodes(self) -> ModelSpec:
+        self.build(num_classes=1)
+        return self
+
+    def overrides(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+    def build(self, num_classes: int) -> ViTConfig:
+        if "num_classes" in self.overrides():
+            raise ValueError("num_classes is taken from the dataset; leave it out of the model section")
+        try:
+            return decode_variant(self.variant, image_size=self.image_size, num_classes=num_classes, **self.overrides())
+        except TypeError as error:  # an unknown override name
+            raise ValueError(f"unknown model option: {error}") from None
+
+
+class Resources(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP ranks)")
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1, gt=0)
+
+
+class Tracking(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    uri: str | None = None  # default: an SQLite store under the working directory
+    experiment: str = "vitflow"
+
+
+class PretrainConfig(BaseModel):
+    """``vitflow pretrain CONFIG``: one pre-training run, validated before anything starts."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+                      description="deterministic run name: running again with it resumes")
+    dataset: str = Field(..., description="a shard folder written by `vitflow shard` (holds dataset.json)")
+    train_split: str = "train"
+    val_split: str = "val"
+    model: ModelSpec = ModelSpec()
+    data: DataConfig = DataConfig()
+    train: TrainConfig
+    resources: Resources = Resources()
+    storage_path: str = "vitflow-runs"
+    max_failures: int = Field(3, ge=0, description="worker-group restarts before the run fails")
+    checkpoints_to_keep: int = Field(2, ge=1)
+    tracking: Tracking = Tracking()
+    register_as: str | None = "vit-pretrained"
+    fail_at_step: int | None = Field(None, ge=1, description="fault drill: rank 0 raises once at this step")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PretrainConfig:
+        size = self.model.build(num_classes=1).image_size
+        if size[0] != size[1]:
+            raise ValueError(f"model.image_size {size} must be square for the shard loader's crops")
+        if self.data.image_size != size[0]:
+            object.__setattr__(self, "data", DataConfig.from_dict({**self.data.to_dict(), "image_size": size[0]}))
+        return self
+
+
+@dataclass(frozen=True)
+class PretrainResult:
+    """What later stages need: where the model is and where it came from."""
+
+    run_id: str
+    model_uri: str  # runs:/<run_id>/model
+    registered_name: str | None
+    version: str | None
+    dataset_fingerprint: str
+    metrics: dict[str, float]
+
+
+def load_config(path: str | Path) -> PretrainConfig:
+    import yaml
+
+    with open(path) as handle:
+        return PretrainConfig.model_validate(yaml.safe_load(handle) or {})
+
+
+def run_pretrain(config: PretrainConfig, *, parent_run_id: str | None = None, console=None) -> PretrainResult:
+    """Pre-train on Ray Train; log and register the model. Resumes an interrupted run of the same name."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from workflows import tracking
+
+    index = read_dataset_index(config.dataset)
+    for split in (config.train_split, config.val_split):
+        index.split(split)  # a missing split fails here, before any worker starts
+    model_config = config.model.build(num_classes=index.num_classes)
+    tracking_uri = config.tracking.uri or tracking.default_tracking_uri()
+    run_id = tracking.find_run(tracking_uri, config.tracking.experiment, {NAME_TAG: config.name, STAGE_TAG: "pretrain"})
+    finished = tracking.finished_model(tracking_uri, run_id, config.register_as) if run_id else None
+    if finished is not None:  # this run name already completed: nothing to redo, nothing to register twice
+        model_uri, version, metrics = finished
+        return PretrainResult(run_id=run_id, model_uri=model_uri, registered_name=config.register_as,
+                              version=version, dataset_fingerprint=index.fingerprint, metrics=metrics)
+    if run_id is None:
+        run_id = tracking.start_run(
+            tracking_uri, config.tracking.experiment, config.name, parent_run_id=parent_run_id,
+            tags={NAME_TAG: config.name, STAGE_TAG: "pretrain", "vitflow.dataset_fingerprint": index.fingerprint,
+                  **system_tags()},
+        )
+        tracking.log_params(tracking_uri, run_id, {
+            "model": model_config.to_dict(), "data": config.data.to_dict(), "train": config.train.to_dict(),
+            "resources": config.resources.model_dump(), "dataset": config.dataset,
+            "gflops_per_image": round(gflops(model_config), 4),
+        })
+        tracking.log_dataset(tracking_uri, run_id, config.dataset, name=Path(config.dataset).name,
+                             digest=index.fingerprint, context="training")
+    else:
+        tracking.reopen_run(tracking_uri, run_id)  # a rerun continues the same MLflow run
+
+    storage = _storage_uri(config.storage_path)
+    worker_config = {
+        "model": model_config.to_dict(),
+        "data": config.data.to_dict(),
+        "train": config.train.to_dict(),
+        "dataset": str(Path(config.dataset).resolve()) if "://" not in config.dataset else config.dataset,
+        "train_split": config.train_split,
+        "val_split": config.val_split,
+        "class_names": list(index.class_names),
+        "tracking_uri": tracking_uri,
+        "run_id": run_id,
+        "fail_at_step": config.fail_at_step,
+        "fault_marker": f"{Path(config.storage_path).resolve()}/{config.name}.fault-injected" if config.fail_at_step else None,
+    }
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config=worker_config,
+        scaling_config=ScalingConfig(
+            num_workers=config.resources.num_workers,
+            use_gpu=config.resources.use_gpu,
+            resources_per_worker={"CPU": config.resources.cpus_per_worker, **({"GPU": 1} if config.resources.use_gpu else {})},
+        ),
+        run_config=RunConfig(
+            name=config.name,
+            storage_path=storage,
+            failure_config=FailureConfig(max_failures=config.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=config.checkpoints_to_keep),
+        ),
+    )
+    try:
+        result = trainer.fit()
+    except Exception:
+        tracking.end_run(tracking_uri, run_id, status="FAILED")
+        raise
+    if result.checkpoint is None:
+        raise RuntimeError(f"pre-training run {config.name!r} ended without a checkpoint")
+    model = _final_model(result.checkpoint)
+    metrics = {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}  # the final report's
+    logged = tracking.log_vit_model(tracking_uri, run_id, model, list(index.class_names))
+    version = None
+    if config.register_as:
+        tags = {
+            "variant": model_config.variant or "custom",
+            "image_size": model_config.image_size[0],
+            "dataset_fingerprint": index.fingerprint,
+            "steps": config.train.total_steps,
+            **{f"final.{k}": round(v, 5) for k, v in metrics.items() if k.startswith("val/")},
+        }
+        version = tracking.register_model(tracking_uri, logged.model_uri, config.register_as, tags, run_id)
+    tracking.end_run(tracking_uri, run_id)
+    return PretrainResult(run_id=run_id, model_uri=logged.model_uri, registered_name=config.register_as,
+                          version=version, dataset_fingerprint=index.fingerprint, metrics=metrics)
+
+
+def _final_model(checkpoint):
+    from vit import VisionTransformer
+    from vit.loop import load_checkpoint
+
+    with checkpoint.as_directory() as folder:
+        state = load_checkpoint(folder)
+    model = VisionTransformer(ViTConfig.from_dict(state["model_config"]))
+    model.load_state_dict(state["model"])
+    return model
+
+
+def _storage_uri(path: str) -> str:
+    """Ray Train wants an absolute path or a URI (s3://, gs://, ...)."""
+    return path if "://" in path else str(Path(path).resolve())
+
+
+def system_tags() -> dict[str, str]:
+    import torch
+
+    tags = {
+        "system.python": platform.python_version(),
+        "system.platform": platform.platform(),
+        "system.torch": torch.__version__,
+        "system.cpu_count": str(os.cpu_count()),
+        "system.cuda": str(torch.cuda.is_available()),
+    }
+    if torch.cuda.is_available():
+        tags["system.gpu"] = torch.cuda.get_device_name(0)
+    return tags
+
+
+# --- the Ray Train worker ----------------------------------------------------------------------
+
+
+def train_worker(cfg: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker: plain ``vit.loop.fit`` plus the framework touch points
+    (rank and device from Ray, DDP through ``prepare_model``, checkpoints and metrics through
+    ``ray.train.report``; rank 0 also sends metrics to MLflow)."""
+    import ray.train
+    import ray.train.torch
+
+    from vit import VisionTransformer
+    from vit.data import eval_loader, train_loader
+    from vit.loop import fit
+    from workflows import tracking
+
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    model = VisionTransformer(ViTConfig.from_dict(cfg["model"]))
+    data_config = DataConfig.from_dict(cfg["data"])
+    train_config = TrainConfig.from_dict(cfg["train"])
+    train = train_loader(cfg["dataset"], data_config, rank=rank, world_size=world_size, split=cfg["train_split"])
+    val = eval_loader(cfg["dataset"], data_config, rank=rank, world_size=world_size, split=cfg["val_split"])
+
+    resume_dir = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        resume_dir = checkpoint.to_directory()  # a local copy of the latest reported checkpoint
+    buffer = tracking.MetricBuffer(cfg["tracking_uri"], cfg["run_id"]) if rank == 0 else None
+    progress = Progress(train_config.total_steps, data_config.batch_size * world_size * train_config.grad_accum_steps)
+    local_checkpoints = Path(tempfile.mkdtemp(prefix="vitflow-ckpt-"))
+
+    def report(step: int, metrics: dict[str, float], checkpoint_dir: str | None = None) -> None:
+        if cfg["fail_at_step"] and rank == 0 and step >= cfg["fail_at_step"] and not os.path.exists(cfg["fault_marker"]):
+            Path(cfg["fault_marker"]).touch()  # fire once: the replacement worker group runs on
+            raise RuntimeError(f"fault drill: rank 0 fails at step {step}")
+        if buffer is not None:
+            buffer.log(step, metrics)
+            progress.print(step, metrics)
+        ray_checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report({**metrics, "step": step}, checkpoint=ray_checkpoint)
+        if checkpoint_dir:
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)  # persisted by Ray to the run's storage
+
+    metadata = {"class_names": cfg["class_names"], "data": cfg["data"]}
+    try:
+        fit(model, train, val, train_config, report=report, checkpoint_dir=local_checkpoints,
+            resume_from=resume_dir, device=device, rank=rank,
+            prepare_model=ray.train.torch.prepare_model, metadata=metadata)
+    finally:
+        if buffer is not None:
+            buffer.flush()
+        shutil.rmtree(local_checkpoints, ignore_errors=True)
+
+
+class Progress:
+    """One line per log step on rank 0: step, loss, img/s (all ranks), ETA."""
+
+    def __init__(self, total_steps: int, images_per_step: int):
+        self.total_steps = total_steps
+        self.images_per_step = images_per_step
+        self.start = time.monotonic()
+        self.start_step: int | None = None
+
+    def print(self, step: int, metrics: dict[str, float]) -> None:
+        if self.start_step is None:
+            self.start_step, self.start = step, time.monotonic()
+            rate = 0.0
+        else:
+            rate = (step - self.start_step) / max(time.monotonic() - self.start, 1e-9)
+        eta = (self.total_steps - step) / rate if rate > 0 else float("nan")
+        fields = [f"step {step}/{self.total_steps}"]
+        if "train/loss" in metrics:
+            fields.append(f"loss {metrics['train/loss']:.4f}")
+        if rate > 0:
+            fields.append(f"{rate * self.images_per_step:.0f} img/s")
+            fields.append(f"ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}")
+        if "val/top1" in metrics:
+            fields.append(f"val top-1 {metrics['val/top1']:.2%}")
+        print(" | ".join(fields), flush=True)
+
