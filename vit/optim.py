@@ -31,6 +31,7 @@ class OptimConfig:
     warmup_steps: int = 0
     min_lr_ratio: float = 0.0  # the cosine ends at lr * min_lr_ratio
     grad_clip_norm: float | None = 1.0  # global L2 norm; None: no clipping
+    layer_decay: float | None = None  # fine-tuning: layer-wise lr decay (see layer_decay_groups); None: off
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
@@ -53,6 +54,8 @@ class OptimConfig:
             problems.append(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.grad_clip_norm is not None and not self.grad_clip_norm > 0:
             problems.append(f"grad_clip_norm must be > 0 or None, got {self.grad_clip_norm}")
+        if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
+            problems.append(f"layer_decay must be in (0, 1] or None, got {self.layer_decay}")
         if problems:
             raise ValueError("invalid OptimConfig: " + "; ".join(problems))
 
@@ -72,7 +75,7 @@ class OptimConfig:
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Two groups: "decay" (weight matrices) and "no_decay" (ndim <= 1, i.e. norms and biases, plus the
     names in ``model.no_weight_decay()``: position embeddings and the [class] token). Frozen
-    parameters are left out. Layer-wise lr decay (fine-tuning) would split these groups further."""
+    parameters are left out. :func:`layer_decay_groups` splits these groups further by layer."""
     skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
     decay, no_decay = [], []
     for name, param in model.named_parameters():
@@ -86,8 +89,45 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     ]
 
 
+def layer_id(name: str, depth: int) -> int:
+    """The layer a ViT parameter belongs to for layer-wise lr decay, as in BEiT and timm's
+    ``group_matcher``: the embeddings (patch projection, position embeddings, [class] token) are layer 0,
+    block i is layer i + 1, the final norm and the head are layer ``depth + 1``."""
+    if name.startswith(("patch_embed.", "pos_embed", "cls_token")):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return depth + 1
+
+
+def layer_decay_groups(model: nn.Module, weight_decay: float, layer_decay: float) -> list[dict[str, Any]]:
+    """:func:`param_groups` split by layer, each group with ``lr_scale = layer_decay ** (depth + 1 - layer)``
+    (BEiT, Bao et al., ICLR 2022): 1 for the head and final norm, ``layer_decay ** (depth + 1)`` for
+    the embeddings, so layers near the input move least when fine-tuning. Groups come deepest first:
+    ``groups[0]`` holds the head at the peak lr, which is what ``vit.loop.fit`` logs as ``train/lr``."""
+    depth = len(model.blocks)
+    names = {id(param): name for name, param in model.named_parameters()}
+    groups = []
+    for base in param_groups(model, weight_decay):
+        by_layer: dict[int, list[nn.Parameter]] = {}
+        for param in base["params"]:
+            by_layer.setdefault(layer_id(names[id(param)], depth), []).append(param)
+        for layer, params in by_layer.items():
+            groups.append({"name": f"layer_{layer}_{base['name']}", "params": params, "layer": layer,
+                           "weight_decay": base["weight_decay"], "lr_scale": layer_decay ** (depth + 1 - layer)})
+    return sorted(groups, key=lambda group: -group["layer"])  # stable: decay before no_decay within a layer
+
+
 def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.Optimizer:
-    groups = param_groups(model, config.weight_decay)
+    """The optimiser over the trainable parameters only (frozen ones never reach it: a linear probe's
+    backbone gets no momentum or weight decay). With ``layer_decay`` each group gets its own base lr,
+    which the ``LambdaLR`` of :func:`build_schedule` then scales, group by group."""
+    if config.layer_decay is None:
+        groups = param_groups(model, config.weight_decay)
+    else:
+        groups = layer_decay_groups(model, config.weight_decay, config.layer_decay)
+        for group in groups:
+            group["lr"] = config.lr * group["lr_scale"]
     if config.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov)
     return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps)
