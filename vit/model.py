@@ -97,6 +97,15 @@ class Attention(nn.Module):
         x = x.transpose(1, 2).reshape(batch, tokens, dim)  # (B, T, D)
         return self.proj_drop(self.proj(x))
 
+    def attention_weights(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, D) normalised tokens -> (B, h, T, T) weights softmax(q k^T / sqrt(d)), rows summing to 1,
+        written out whatever ``forward`` dispatches to and without attention dropout: for inspection
+        (the paper's Figures 6 and 7), not training."""
+        batch, tokens, _ = x.shape
+        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, _ = qkv.unbind(0)  # each (B, h, T, D/h)
+        return ((q * self.head_dim ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1)
+
 
 class Mlp(nn.Module):
     """Two layers with a GELU non-linearity (Eq. 3)."""
@@ -205,6 +214,24 @@ class VisionTransformer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+    @torch.no_grad()
+    def attention_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """(B, C, H, W) images -> one (B, h, T, T) map of attention weights per block, T = 1 + N with the
+        [class] token first. Runs ``forward_features``' path in eval mode (no dropout or stochastic depth)
+        and reads each block's weights off the input its attention sees; the normal forward is untouched."""
+        was_training = self.training
+        self.eval()
+        try:
+            x = self.patch_embed(x)  # (B, N, D)
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed  # Eq. 1
+            maps = []
+            for block in self.blocks:
+                maps.append(block.attn.attention_weights(block.norm1(x)))  # (B, h, T, T)
+                x = block(x)
+        finally:
+            self.train(was_training)
+        return maps
 
     def reset_head(self, num_classes: int) -> None:
         """Install a zero-initialised D x K head: the paper's fine-tuning recipe (Section 3.2)."""
