@@ -246,6 +246,7 @@ def train_worker(cfg: dict[str, Any]) -> None:
     ``ray.train.report``; rank 0 also sends metrics to MLflow)."""
     import ray.train
     import ray.train.torch
+    import torch
 
     from vit import VisionTransformer
     from vit.data import eval_loader, train_loader
@@ -255,6 +256,11 @@ def train_worker(cfg: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        # Ray sets OMP_NUM_THREADS from the worker's CPUs; make torch's intra-op pool match it.
+        torch.set_num_threads(max(1, int(float(os.environ.get("OMP_NUM_THREADS", "1")))))
+    if rank == 0:
+        print(f"{world_size} worker(s) on {device}, {torch.get_num_threads()} torch threads each", flush=True)
     model = VisionTransformer(ViTConfig.from_dict(cfg["model"]))
     data_config = DataConfig.from_dict(cfg["data"])
     train_config = TrainConfig.from_dict(cfg["train"])

@@ -1,0 +1,144 @@
+"""Pre-train a small ViT on all of CIFAR-10 within a wall-clock budget on this 2-core CPU, through the
+real pre-training stage (Ray Train, MLflow, the registry). Target: >= 65% top-1 on the CIFAR-10 test split.
+
+The schedule is fitted to the budget: a short calibration run measures training img/s, and the number of
+steps is set so training plus evaluations end inside the budget. The registered ``vit-pretrained`` model
+(in the MLflow store under ``--workdir``) is the starting point of ``benchmarks/transfer_flowers.py``.
+
+    python -m benchmarks.pretrain_cifar10                       # 60 minutes, Ti/4 depth 6, bf16
+    python -m benchmarks.pretrain_cifar10 --budget-min 3 --smoke  # a few minutes, checks the script
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import ray  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+from benchmarks.corpora import cifar10_shards  # noqa: E402
+from vit import VisionTransformer  # noqa: E402
+from vit.data import DataConfig, eval_loader, train_loader  # noqa: E402
+from vit.loop import TrainConfig, evaluate, fit  # noqa: E402
+from workflows import tracking  # noqa: E402
+from workflows.pretrain import PretrainConfig, run_pretrain  # noqa: E402
+
+CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+REPO = Path(__file__).resolve().parents[1]
+
+
+def model_section(smoke: bool) -> dict:
+    if smoke:
+        return {"variant": "Ti/4", "image_size": 32, "embed_dim": 96, "depth": 2, "num_heads": 3}
+    return {"variant": "Ti/4", "image_size": 32, "depth": 6}
+
+
+def data_section(batch_size: int) -> dict:
+    # CIFAR-sized augmentation: a mild random-resized crop and flips; eval sees the 32 px image as is.
+    return {"batch_size": batch_size, "num_workers": 1, "shuffle_buffer": 2000, "crop_scale": (0.35, 1.0),
+            "crop_pct": 1.0, "mean": CIFAR_MEAN, "std": CIFAR_STD}
+
+
+def calibrate(shards: Path, args) -> float:
+    """Training img/s of this model on this machine: a short in-process run, warm-up excluded."""
+    data = DataConfig.from_dict({**data_section(args.batch_size), "image_size": 32})
+    loader = train_loader(shards, data, rank=0, world_size=1)
+    model = VisionTransformer(PretrainConfig.model_validate(
+        {"name": "calibrate", "dataset": str(shards), "model": model_section(args.smoke), "train": {"total_steps": 1}}
+    ).model.build(num_classes=loader.num_classes))
+    rates = []
+    fit(model, loader, None, TrainConfig(total_steps=24, log_every=6, precision=args.precision),
+        report=lambda step, metrics, checkpoint_dir=None: rates.append(metrics["train/images_per_sec"]))
+    return sorted(rates[1:])[len(rates[1:]) // 2]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--budget-min", type=float, default=60.0, help="wall-clock budget of the whole run")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--precision", default="bf16", choices=["fp32", "bf16"])
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--workdir", type=Path, default=REPO / "benchmarks" / ".work" / "pretrain_cifar10")
+    parser.add_argument("--smoke", action="store_true", help="a tiny model: checks the script, not a result")
+    args = parser.parse_args()
+    started = time.monotonic()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    shards = cifar10_shards(args.workdir / "shards")
+    rate = calibrate(shards, args)
+    # What is left of the budget, less the stage's fixed costs (Ray start, worker group, ~8 evaluations of
+    # the 1,000 validation images, the final test evaluation, model logging): about 3 minutes here.
+    train_seconds = args.budget_min * 60 - (time.monotonic() - started) - 180
+    total_steps = max(20, int(train_seconds * rate / args.batch_size))
+    print(f"calibration: {rate:.1f} img/s -> {total_steps} steps of {args.batch_size} "
+          f"({total_steps * args.batch_size / 49000:.1f} epochs) in {train_seconds / 60:.1f} min", flush=True)
+    uri = f"sqlite:///{args.workdir / 'mlflow.db'}"
+    config = PretrainConfig.model_validate({
+        "name": f"cifar10-{'smoke' if args.smoke else 'ti4'}-{total_steps}",
+        "dataset": str(shards),
+        "model": model_section(args.smoke),
+        "data": data_section(args.batch_size),
+        "train": {"total_steps": total_steps, "log_every": 50, "eval_every": max(total_steps // 8, 1),
+                  "checkpoint_every": max(total_steps // 8, 1), "precision": args.precision, "label_smoothing": 0.1,
+                  "optim": {"lr": args.lr, "weight_decay": 0.05, "warmup_steps": max(total_steps // 20, 1),
+                            "min_lr_ratio": 0.01}},
+        "resources": {"num_workers": 1, "cpus_per_worker": 2},
+        "storage_path": str(args.workdir / "runs"),
+        "tracking": {"uri": uri, "experiment": "pretrain-cifar10"},
+    })
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    try:
+        result = run_pretrain(config)
+    finally:
+        ray.shutdown()
+    train_done = time.monotonic()
+
+    plain = tracking.load_plain_model(uri, f"models:/vit-pretrained/{result.version}")
+    model = VisionTransformer(plain.config)
+    model.load_state_dict(plain.state_dict)
+    test = evaluate(model, eval_loader(shards, config.data, rank=0, world_size=1, split="test"), precision=args.precision)
+    elapsed = time.monotonic() - started
+    client = MlflowClient(uri)
+    client.log_metric(result.run_id, "test/top1", test["top1"])
+    client.log_metric(result.run_id, "test/top5", test["top5"])
+    curves = {key: sorted((m.step, m.value) for m in client.get_metric_history(result.run_id, key))
+              for key in ("train/loss", "val/top1", "train/images_per_sec")}
+    figure = plot(curves, test["top1"], args.workdir / "pretrain_cifar10.png")
+    summary = {
+        "model": f"models:/vit-pretrained/{result.version}", "run_id": result.run_id, "steps": total_steps,
+        "batch_size": args.batch_size, "precision": args.precision, "calibrated_img_per_s": round(rate, 1),
+        "train_img_per_s": round(sorted(v for _, v in curves["train/images_per_sec"])[len(curves["train/images_per_sec"]) // 2], 1),
+        "test_top1": round(test["top1"], 4), "test_top5": round(test["top5"], 4),
+        "wall_min_total": round(elapsed / 60, 1), "wall_min_training_stage": round((train_done - started) / 60, 1),
+        "tracking_uri": uri, "figure": str(figure),
+    }
+    (args.workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(json.dumps(summary, indent=2))
+
+
+def plot(curves: dict, test_top1: float, path: Path) -> Path:
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    steps, losses = zip(*curves["train/loss"])
+    left.plot(steps, losses)
+    left.set(xlabel="step", ylabel="train loss (label smoothing 0.1)", title="CIFAR-10 pre-training")
+    if curves["val/top1"]:
+        steps, top1 = zip(*curves["val/top1"])
+        right.plot(steps, [100 * v for v in top1], marker="o", label="validation (1,000 held-out train images)")
+    right.axhline(100 * test_top1, color="k", linestyle="--", label=f"test split, final: {test_top1:.1%}")
+    right.axhline(65, color="r", linestyle=":", label="target 65%")
+    right.set(xlabel="step", ylabel="top-1 (%)", title="accuracy")
+    right.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+if __name__ == "__main__":
+    main()
