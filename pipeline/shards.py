@@ -30,7 +30,7 @@ import torch
 
 from pipeline import manifest, parallel
 from pipeline.config import ShardConfig
-from pipeline.images import process_image
+from pipeline.images import ProcessedImage, process_image
 from pipeline.manifest import DatasetInfo, Reason, Rejected, ShardInfo, SplitInfo
 from pipeline.report import ShardProgress
 from pipeline.sources import Record, Scan, Source, Unusable, open_source
@@ -224,79 +224,69 @@ def build_shard(task: ShardTask, report: Callable[[int], None]) -> ShardOutcome:
         torch.set_num_threads(threads)
 
 
-def _build(task: ShardTask, report: Callable[[int], None]) -> ShardOutcome:
+def _quarantine_row(record: Record, reason: Reason, detail: str) -> dict[str, Any]:
+    return {"source": record.source, "split": record.split, "reason": str(reason), "detail": detail}
 
+
+def _add_sample(
+    tar: tarfile.TarFile, key: str, record: Record, image: ProcessedImage, task: ShardTask
+) -> dict[str, Any]:
+    """Append the sample's members (sorted by extension) and return its manifest row."""
+    label_name = task.class_names[record.label]
+    meta = {
+        "source": record.source,
+        "width": image.width,
+        "height": image.height,
+        "label": record.label,
+        "label_name": label_name,
+    }
+    members = {
+        "cls": str(record.label).encode("ascii"),
+        image.extension: image.data,
+        "json": json.dumps(meta, ensure_ascii=False).encode("utf-8"),
+    }
+    for extension in sorted(members):
+        data = members[extension]
+        tar.addfile(_tar_member(f"{key}.{extension}", len(data)), io.BytesIO(data))
+    return {
+        "key": key,
+        "split": record.split,
+        "shard": task.shard.path,
+        "label": record.label,
+        "label_name": label_name,
+        "bytes": len(image.data),
+        "sha256": hashlib.sha256(image.data).hexdigest(),
+        "width": image.width,
+        "height": image.height,
+        "source": record.source,
+    }
+
+
+def _build(task: ShardTask, report: Callable[[int], None]) -> ShardOutcome:
     shard, config, out = task.shard, task.config, Path(task.out)
     final = out / shard.path
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    keep_formats = frozenset(config.keep_formats)
+    options = {
+        "max_size": config.max_size,
+        "quality": config.jpeg_quality,
+        "max_pixels": config.max_pixels,
+        "keep_formats": frozenset(config.keep_formats),
+        "resample": config.resample,
+    }
     samples, quarantined, pending, last_report = [], [], 0, time.monotonic()
     with open(tmp, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for key, (record, data) in zip(shard.keys, task.source.read(shard.records), strict=True):
             try:
-                if isinstance(data, Rejected):
+                if isinstance(data, Rejected):  # the source could not read it
                     raise data
-                image = process_image(
-                    data,
-                    max_size=config.max_size,
-                    quality=config.jpeg_quality,
-                    max_pixels=config.max_pixels,
-                    keep_formats=keep_formats,
-                    resample=config.resample,
-                )
+                image = process_image(data, **options)
             except Rejected as rejected:
-                quarantined.append(
-                    {
-                        "source": record.source,
-                        "split": record.split,
-                        "reason": str(rejected.reason),
-                        "detail": rejected.detail,
-                    }
-                )
+                quarantined.append(_quarantine_row(record, rejected.reason, rejected.detail))
             except Exception as error:  # a bad image never stops the job, whatever the decoder raises
-                quarantined.append(
-                    {
-                        "source": record.source,
-                        "split": record.split,
-                        "reason": str(Reason.UNDECODABLE),
-                        "detail": f"{type(error).__name__}: {error}",
-                    }
-                )
+                quarantined.append(_quarantine_row(record, Reason.UNDECODABLE, f"{type(error).__name__}: {error}"))
             else:
-                label_name = task.class_names[record.label]
-                members = {
-                    "cls": str(record.label).encode("ascii"),
-                    image.extension: image.data,
-                    "json": json.dumps(
-                        {
-                            "source": record.source,
-                            "width": image.width,
-                            "height": image.height,
-                            "label": record.label,
-                            "label_name": label_name,
-                        },
-                        ensure_ascii=False,
-                    ).encode("utf-8"),
-                }
-                for extension in sorted(members):
-                    tar.addfile(
-                        _tar_member(f"{key}.{extension}", len(members[extension])), io.BytesIO(members[extension])
-                    )
-                samples.append(
-                    {
-                        "key": key,
-                        "split": record.split,
-                        "shard": shard.path,
-                        "label": record.label,
-                        "label_name": label_name,
-                        "bytes": len(image.data),
-                        "sha256": hashlib.sha256(image.data).hexdigest(),
-                        "width": image.width,
-                        "height": image.height,
-                        "source": record.source,
-                    }
-                )
+                samples.append(_add_sample(tar, key, record, image, task))
             pending += 1
             if pending >= 64 or time.monotonic() - last_report > 0.5:
                 report(pending)
@@ -390,8 +380,8 @@ def write_shards(
     if not hasattr(source, "scan"):
         source = open_source(str(source))
     out = Path(out).absolute()
+    plan = plan_shards(source.scan(), config)  # source and config mistakes surface before OUT is touched
     _prepare_out(out)
-    plan = plan_shards(source.scan(), config)
     _remove_stale(out, plan)
     tasks = [ShardTask(shard, source, str(out), config, plan.class_names) for shard in plan.shards]
 

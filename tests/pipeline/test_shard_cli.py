@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
-import os
+import shutil
+import socket
+import subprocess
+import sys
 import tempfile
+import time
+from pathlib import Path
 
 import pytest
 
@@ -64,18 +69,47 @@ def test_user_mistakes_are_one_line_errors(args, message, cifar_subset, tmp_path
     assert message in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.fixture
+def ray_env(monkeypatch):
+    """Ray state of the subprocesses in a short temp dir (socket paths are length-limited), no token auth."""
+    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    monkeypatch.setenv("RAY_TMPDIR", temp)
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # the same for every process of one cluster
+    yield temp
+    shutil.rmtree(temp, ignore_errors=True)
+
+
 @pytest.mark.slow
-def test_cli_with_its_own_local_ray_matches_the_in_process_bytes(flowers_subset, tmp_path):
+def test_cli_with_its_own_local_ray_matches_the_in_process_bytes(flowers_subset, tmp_path, ray_env):
     reference = write_shards(flowers_subset, tmp_path / "inline", ShardConfig(max_size=80), workers=0, progress=False)
-    ray_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")
-    env_before = os.environ.get("RAY_TMPDIR")
-    os.environ["RAY_TMPDIR"] = ray_dir  # inherited by the subprocess: Ray's state stays in a temp dir
-    try:
-        result = vitflow("shard", str(flowers_subset), str(tmp_path / "ray"), "--max-size", "80", "--workers", "2")
-    finally:
-        if env_before is None:
-            os.environ.pop("RAY_TMPDIR")
-        else:
-            os.environ["RAY_TMPDIR"] = env_before
+    result = vitflow("shard", str(flowers_subset), str(tmp_path / "ray"), "--max-size", "80", "--workers", "2")
     assert result.returncode == 0, result.stderr
     assert all_files(tmp_path / "ray") == all_files(reference.info.root)
+
+
+@pytest.mark.slow
+def test_cli_on_a_running_cluster_given_by_address(cifar_subset, tmp_path, ray_env):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    ray = str(Path(sys.executable).parent / "ray")
+    # --block keeps the head in the foreground: terminating this one process stops the cluster it started.
+    head = subprocess.Popen(
+        [ray, "start", "--head", "--block", f"--port={port}", "--num-cpus=2", f"--temp-dir={ray_env}"]
+        + ["--include-dashboard=false", "--disable-usage-stats"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while socket.socket().connect_ex(("127.0.0.1", port)) != 0:
+            assert time.monotonic() < deadline and head.poll() is None, "the Ray head did not start"
+            time.sleep(0.5)
+        address = f"127.0.0.1:{port}"
+        result = vitflow("shard", str(cifar_subset), str(tmp_path / "out"), "--address", address, "--workers", "2")
+        assert result.returncode == 0, result.stderr
+        assert "inputs 320 = sharded 320" in result.stdout
+        assert vitflow("shard", "verify", str(tmp_path / "out")).returncode == 0
+    finally:
+        head.terminate()
+        head.wait(timeout=60)
