@@ -1,0 +1,142 @@
+"""The Ray Train worker shared by pre-training and fine-tuning trials, and what it prints.
+
+Every worker runs plain ``vit.loop.fit``; the framework touch points are all here: rank and device from
+Ray, DDP through ``ray.train.torch.prepare_model``, checkpoints and metrics through ``ray.train.report``
+(which Tune's ``TuneReportCallback`` forwards to a search), and rank 0's metrics to MLflow.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from vit import ViTConfig
+from vit.data import DataConfig
+from vit.loop import TrainConfig
+
+
+def system_tags() -> dict[str, str]:
+    import torch
+
+    tags = {
+        "system.python": platform.python_version(),
+        "system.platform": platform.platform(),
+        "system.torch": torch.__version__,
+        "system.cpu_count": str(os.cpu_count()),
+        "system.cuda": str(torch.cuda.is_available()),
+    }
+    if torch.cuda.is_available():
+        tags["system.gpu"] = torch.cuda.get_device_name(0)
+    return tags
+
+
+def train_worker(cfg: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker: plain ``vit.loop.fit`` plus the framework touch points
+    (rank and device from Ray, DDP through ``prepare_model``, checkpoints and metrics through
+    ``ray.train.report``; rank 0 also sends metrics to MLflow)."""
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from vit.data import eval_loader, train_loader
+    from vit.loop import fit
+    from workflows import tracking
+
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        # Ray sets OMP_NUM_THREADS from the worker's CPUs; make torch's intra-op pool match it.
+        torch.set_num_threads(max(1, int(float(os.environ.get("OMP_NUM_THREADS", "1")))))
+    if rank == 0:
+        print(f"{world_size} worker(s) on {device}, {torch.get_num_threads()} torch threads each", flush=True)
+    model = initial_model(cfg)
+    data_config = DataConfig.from_dict(cfg["data"])
+    train_config = TrainConfig.from_dict(cfg["train"])
+    train = train_loader(cfg["dataset"], data_config, rank=rank, world_size=world_size, split=cfg["train_split"])
+    val = eval_loader(cfg["dataset"], data_config, rank=rank, world_size=world_size, split=cfg["val_split"])
+
+    resume_dir = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        resume_dir = checkpoint.to_directory()  # a local copy of the latest reported checkpoint
+    buffer = tracking.MetricBuffer(cfg["tracking_uri"], cfg["run_id"]) if rank == 0 else None
+    if buffer is not None and resume_dir is None and cfg.get("pretrained") is not None:
+        # The fine-tuning recipe's evidence: the head fit starts from is exactly zero (Section 3.2).
+        buffer.log(0, {"init/head_abs_max": float(model.head.weight.abs().max()), "init/head_bias_abs_max": float(model.head.bias.abs().max())})
+    progress = Progress(train_config.total_steps, data_config.batch_size * world_size * train_config.grad_accum_steps)
+    local_checkpoints = Path(tempfile.mkdtemp(prefix="vitflow-ckpt-"))
+
+    def report(step: int, metrics: dict[str, float], checkpoint_dir: str | None = None) -> None:
+        if cfg.get("fail_at_step") and rank == 0 and step >= cfg["fail_at_step"] and not os.path.exists(cfg["fault_marker"]):
+            Path(cfg["fault_marker"]).touch()  # fire once: the replacement worker group runs on
+            raise RuntimeError(f"fault drill: rank 0 fails at step {step}")
+        if buffer is not None:
+            buffer.log(step, metrics)
+            progress.print(step, metrics)
+        ray_checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report({**metrics, "step": step}, checkpoint=ray_checkpoint)
+        if checkpoint_dir:
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)  # persisted by Ray to the run's storage
+
+    metadata = {"class_names": cfg["class_names"], "data": cfg["data"]}
+    try:
+        fit(model, train, val, train_config, report=report, checkpoint_dir=local_checkpoints,
+            resume_from=resume_dir, device=device, rank=rank,
+            prepare_model=ray.train.torch.prepare_model, metadata=metadata)
+    finally:
+        if buffer is not None:
+            buffer.flush()
+        shutil.rmtree(local_checkpoints, ignore_errors=True)
+
+
+def initial_model(cfg: dict[str, Any]):
+    """A fresh model for pre-training, or the paper's fine-tuning start: the pre-trained weights with
+    position embeddings resampled to the new grid and a zero-initialised head (``vit.finetune``)."""
+    from vit import VisionTransformer
+    from vit.finetune import prepare_finetune_model
+
+    target = ViTConfig.from_dict(cfg["model"])
+    pretrained = cfg.get("pretrained")
+    if pretrained is None:
+        return VisionTransformer(target)
+    import ray
+
+    state_dict = pretrained["state_dict"]
+    if isinstance(state_dict, ray.ObjectRef):  # large weights travel through the object store
+        state_dict = ray.get(state_dict)
+    return prepare_finetune_model(state_dict, ViTConfig.from_dict(pretrained["config"]), image_size=target.image_size,
+                                  num_classes=target.num_classes, mode=pretrained.get("mode", "full"))
+
+
+class Progress:
+    """One line per log step on rank 0: step, loss, img/s (all ranks), ETA."""
+
+    def __init__(self, total_steps: int, images_per_step: int):
+        self.total_steps = total_steps
+        self.images_per_step = images_per_step
+        self.start = time.monotonic()
+        self.start_step: int | None = None
+
+    def print(self, step: int, metrics: dict[str, float]) -> None:
+        if self.start_step is None:
+            self.start_step, self.start = step, time.monotonic()
+            rate = 0.0
+        else:
+            rate = (step - self.start_step) / max(time.monotonic() - self.start, 1e-9)
+        eta = (self.total_steps - step) / rate if rate > 0 else float("nan")
+        fields = [f"step {step}/{self.total_steps}"]
+        if "train/loss" in metrics:
+            fields.append(f"loss {metrics['train/loss']:.4f}")
+        if rate > 0:
+            fields.append(f"{rate * self.images_per_step:.0f} img/s")
+            fields.append(f"ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}")
+        if "val/top1" in metrics:
+            fields.append(f"val top-1 {metrics['val/top1']:.2%}")
+        print(" | ".join(fields), flush=True)
+
