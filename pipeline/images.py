@@ -4,7 +4,7 @@ Paths, fastest first (figures in ``docs/BENCHMARKS.md``):
 
 - JPEG, no big downscale: libjpeg-turbo through ``torchvision.io.decode_jpeg`` (it also converts
   grayscale and CMYK and applies EXIF orientation), a torch antialiased bicubic resize, and
-  ``torchvision.io.encode_jpeg``. About 2.5-3x PIL's full decode + bicubic resize + encode.
+  ``torchvision.io.encode_jpeg``. About 2-2.5x PIL's full decode + bicubic resize + encode per core.
 - JPEG at least 2x larger than the target: PIL with ``draft``, which has libjpeg decode at 1/2, 1/4 or
   1/8 scale in the DCT (far less work than a full decode), then the same torch resize and encoder.
 - Every other format: PIL decode, then the same tail.
@@ -120,7 +120,7 @@ def process_image(
 @contextlib.contextmanager
 def _quiet_torchvision_io() -> Iterator[None]:
     # torchvision 0.29 deprecates its image codecs in favour of TorchCodec and warns on every call.
-    # They remain the fastest libjpeg-turbo path available here; the move is a tracked follow-up.
+    # They remain the fastest libjpeg-turbo path we have; moving to TorchCodec waits until they go.
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The image decoding and encoding", category=DeprecationWarning)
         yield
@@ -169,8 +169,8 @@ def _check_jpeg_complete(data: bytes) -> None:
 
 
 def _draft_helps(image: Image.Image, target: tuple[int, int] | None) -> bool:
-    # DCT scaling decodes at 1/2, 1/4 or 1/8 of the size; it only saves work when the target is at
-    # most half the source (measured: below that the full libjpeg-turbo decode is faster).
+    # DCT scaling decodes at 1/2, 1/4 or 1/8 of the size, never below the target: it only saves
+    # work when the target is at most half the source. Otherwise the full libjpeg-turbo decode wins.
     return target is not None and min(image.size) >= 2 * min(target)
 
 
@@ -213,7 +213,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         # PIL's convert() clips 16-bit values at 255; scale the full range down instead.
         values = np.asarray(image).astype(np.int64).clip(0, 65535) >> 8
-        image = Image.fromarray(values.astype(np.uint8), mode="L")
+        image = Image.fromarray(values.astype(np.uint8))  # 2-D uint8: mode "L"
     if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info:
         rgba = image.convert("RGBA")
         canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
