@@ -111,6 +111,122 @@ def pretrain(
             typer.echo(f"{key}: {result.metrics[key]:.4f}")
 
 
+# --- cluster commands: Ray Jobs API (workflows.jobs) and the MLflow UI (workflows.ui) ---
+
+DASHBOARD = typer.Option("http://127.0.0.1:8265", "--address", envvar="RAY_API_SERVER_ADDRESS",
+                         help="the head's dashboard (Jobs API); 8265 on localhost after `ray dashboard cluster.yaml`")
+
+
+@app.command()
+def submit(
+    spec: Path = typer.Argument(..., help="the YAML file the job runs (shipped with the project)"),
+    address: str = DASHBOARD,
+    command: str = typer.Option("run", "--command", help="the vitflow command the job runs: run (a workflow spec) or pretrain"),
+    wait: bool = typer.Option(False, "--wait", help="follow the job's logs; exit with its outcome"),
+    ship_project: bool = typer.Option(True, help="ship this checkout's code with the job (else the cluster's installed vitflow runs)"),
+) -> None:
+    """Submit `vitflow COMMAND SPEC` to a Ray cluster through the Jobs API; print the job id."""
+    from workflows import jobs
+
+    if not spec.is_file():
+        fail(f"{spec}: no such file")
+    try:
+        entry = jobs.EntryCommand(command)
+    except ValueError:
+        fail(f"--command {command}: expected one of {', '.join(c.value for c in jobs.EntryCommand)}")
+    if entry is jobs.EntryCommand.pretrain:
+        _check_pretrain_config(spec)
+    try:
+        client = jobs.connect(address)
+        job_id = jobs.submit(client, spec, entry, ship_project=ship_project)
+    except jobs.ClusterError as error:
+        fail(str(error), code=1)
+    typer.echo(job_id)
+    if wait:
+        _follow_to_the_end(client, job_id)
+
+
+def _check_pretrain_config(spec: Path) -> None:
+    import yaml
+    from pydantic import ValidationError
+
+    from workflows.pretrain import load_config
+
+    try:
+        load_config(spec)
+    except (ValidationError, yaml.YAMLError) as error:
+        fail(f"{spec}: invalid configuration\n{error}")
+
+
+def _follow_to_the_end(client, job_id: str) -> NoReturn:
+    from workflows import jobs
+
+    try:
+        state = jobs.follow(client, job_id)
+    except KeyboardInterrupt:
+        typer.echo(f"\nstopped following; the job runs on: vitflow logs {job_id} --follow", err=True)
+        raise typer.Exit(130) from None
+    except jobs.ClusterError as error:
+        fail(str(error), code=1)
+    typer.echo(f"job {job_id}: {state.status}" + (f" ({state.message})" if state.status != "SUCCEEDED" and state.message else ""), err=True)
+    raise typer.Exit(0 if state.status == "SUCCEEDED" else 1)
+
+
+@app.command()
+def status(job_id: str = typer.Argument(..., help="a job id printed by `vitflow submit`"), address: str = DASHBOARD) -> None:
+    """Print a submitted job's status (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED)."""
+    from workflows import jobs
+
+    try:
+        state = jobs.job_state(jobs.connect(address), job_id)
+    except jobs.ClusterError as error:
+        fail(str(error), code=1)
+    typer.echo(f"{state.job_id}: {state.status}" + (f" ({state.message})" if state.message else ""))
+
+
+@app.command()
+def logs(
+    job_id: str = typer.Argument(..., help="a job id printed by `vitflow submit`"),
+    address: str = DASHBOARD,
+    follow: bool = typer.Option(False, "--follow", "-f", help="stream until the job ends; exit with its outcome"),
+) -> None:
+    """Print a submitted job's logs."""
+    from workflows import jobs
+
+    try:
+        client = jobs.connect(address)
+        if follow:
+            _follow_to_the_end(client, job_id)
+        typer.echo(jobs.logs(client, job_id), nl=False)
+    except jobs.ClusterError as error:
+        fail(str(error), code=1)
+
+
+@app.command()
+def ui(
+    tracking_uri: str = typer.Option(None, "--tracking-uri", help="sqlite:///PATH/mlflow.db (default: ./mlflow.db)"),
+    artifacts: Path = typer.Option(None, help="the artifact folder (default: mlartifacts next to mlflow.db)"),
+    host: str = typer.Option("127.0.0.1", help="bind address; keep localhost and tunnel (ssh -L) to share it"),
+    port: int = typer.Option(5000, min=1, max=65535),
+) -> None:
+    """Start the MLflow UI on a vitflow store (Ctrl-C stops it)."""
+    import os
+
+    from workflows import ui as mlflow_ui
+
+    uri = tracking_uri or f"sqlite:///{Path('mlflow.db').resolve()}"  # tracking.default_tracking_uri(), without torch
+    try:
+        database = mlflow_ui.sqlite_path(uri)
+    except ValueError as error:
+        fail(str(error))
+    if not database.is_file():
+        fail(f"{database}: no MLflow store here (run a stage first, or pass --tracking-uri sqlite:///PATH/mlflow.db)")
+    folder = artifacts or mlflow_ui.default_artifacts(uri)
+    typer.echo(f"MLflow UI on {database} (artifacts: {folder}): http://{host}:{port}", err=True)
+    command = mlflow_ui.server_command(uri, folder, host=host, port=port)
+    os.execve(command[0], command, mlflow_ui.server_env())  # the server replaces this process: signals reach it
+
+
 def main() -> None:
     app()
 

@@ -1,0 +1,254 @@
+"""Real servers for the workflow tests, started as processes and stopped whatever happens:
+a multi-node Ray cluster on one machine (one ``ray start --block`` per node) and an MLflow server.
+
+Only processes these helpers started are ever stopped, by their ids: never ``ray stop`` (it stops
+every Ray on the machine, other users' clusters included). Each Ray node runs ``ray start --block``
+in its own process group: SIGTERM makes it shut its node down, and its reaper kills the group;
+anything left afterwards is found by the cluster's unique temp dir in its command line and killed.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import requests
+
+VENV_BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass(frozen=True)
+class NodeResources:
+    num_cpus: int = 1
+    memory: int = 3 * 1024**3  # logical, for scheduling; Ray's memory monitor watches the machine
+    object_store_memory: int = 300 * 1024**2
+
+
+@dataclass
+class LocalCluster:
+    """A Ray cluster of ``len(nodes)`` raylets on this machine; the first is the head (GCS, dashboard,
+    Jobs API). Every command for it (``ray start``, jobs, ``vitflow submit``) runs with :attr:`env`:
+    token authentication on, with this cluster's own token, so no command depends on
+    ``~/.ray/auth_token`` or on another cluster's settings."""
+
+    root: Path
+    nodes: tuple[NodeResources, ...] = (NodeResources(), NodeResources())
+    token: str = field(default_factory=lambda: secrets.token_hex(32))
+    gcs_port: int = field(default_factory=free_port)
+    dashboard_port: int = field(default_factory=free_port)
+    processes: list[subprocess.Popen] = field(default_factory=list)
+
+    @property
+    def temp_dir(self) -> Path:
+        return self.root / "ray"
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.gcs_port}"
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {
+            **os.environ,
+            "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # `vitflow` for job entrypoints
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN": self.token,
+            "RAY_TMPDIR": str(self.temp_dir),
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "MLFLOW_DISABLE_TELEMETRY": "true",
+        }
+
+    def start(self, timeout_s: float = 120) -> LocalCluster:
+        self.temp_dir.mkdir(parents=True, exist_ok=True)
+        for index, resources in enumerate(self.nodes):
+            self._start_node(index, resources)
+            if index == 0:
+                self._wait(lambda: self._get("/api/version").ok, timeout_s, "the head's dashboard")
+        self._wait(lambda: len(self.alive_nodes()) == len(self.nodes), timeout_s, f"{len(self.nodes)} alive nodes")
+        return self
+
+    def _start_node(self, index: int, resources: NodeResources) -> None:
+        command = [
+            str(VENV_BIN / "ray"), "start", "--block", "--disable-usage-stats",
+            "--node-ip-address=127.0.0.1",
+            f"--num-cpus={resources.num_cpus}", "--num-gpus=0",
+            f"--memory={resources.memory}", f"--object-store-memory={resources.object_store_memory}",
+            f"--temp-dir={self.temp_dir}",
+            # Two raylets share one host: every fixed default port (agent 52365, workers 10002+) would clash.
+            f"--dashboard-agent-listen-port={free_port()}", "--min-worker-port=0", "--max-worker-port=0",
+        ]
+        if index == 0:
+            command += ["--head", f"--port={self.gcs_port}", "--include-dashboard=true",
+                        "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
+                        f"--ray-client-server-port={free_port()}"]
+        else:
+            command += [f"--address={self.address}", "--include-log-monitor=false"]  # the head's reads all logs
+        log = open(self.root / f"node-{index}.log", "wb")
+        self.processes.append(subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                               start_new_session=True))
+        log.close()
+
+    def _get(self, path: str, **params) -> requests.Response:
+        return requests.get(f"{self.dashboard_url}{path}", params=params, timeout=10,
+                            headers={"Authorization": f"Bearer {self.token}"})
+
+    def _wait(self, ready, timeout_s: float, what: str) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            dead = [p.args[3:5] for p in self.processes if p.poll() is not None]
+            if dead:
+                raise RuntimeError(f"a Ray node exited while waiting for {what}; see {self.root}/node-*.log")
+            try:
+                if ready():
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(1)
+        raise TimeoutError(f"no {what} after {timeout_s:.0f} s; see {self.root}/node-*.log")
+
+    def state(self, resource: str, **filters: str) -> list[dict]:
+        """Ray's state API over the dashboard's HTTP endpoint (``/api/v0/nodes``, ``/api/v0/actors``)."""
+        params: dict[str, object] = {"detail": "true", "limit": 10_000}
+        if filters:
+            params.update(filter_keys=list(filters), filter_predicates=["="] * len(filters),
+                          filter_values=list(filters.values()))
+        response = self._get(f"/api/v0/{resource}", **params)
+        response.raise_for_status()
+        return response.json()["data"]["result"]["result"]
+
+    def alive_nodes(self) -> list[dict]:
+        return [node for node in self.state("nodes") if node["state"] == "ALIVE"]
+
+    def stop(self) -> None:
+        """Stop every node (workers last, head first is not required), then kill what is left."""
+        for process in reversed(self.processes):
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in reversed(self.processes):
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                _kill_group(process.pid)
+                process.wait(timeout=10)
+        kill_processes_mentioning(str(self.temp_dir))
+
+    def __enter__(self) -> LocalCluster:
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+@dataclass
+class MlflowServer:
+    """An MLflow tracking server (and UI) run by ``command`` in its own process group, on ``port``."""
+
+    command: list[str]
+    port: int
+    log_path: Path
+    env: dict[str, str] | None = None
+    process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> MlflowServer:
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(self.command, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                            start_new_session=True)
+        try:
+            deadline = time.monotonic() + 90
+            while time.monotonic() < deadline:
+                if self.process.poll() is not None:
+                    raise RuntimeError(f"the MLflow server exited ({self.process.returncode}); see {self.log_path}")
+                try:
+                    if requests.get(f"{self.url}/health", timeout=5).ok:
+                        return self
+                except requests.RequestException:
+                    pass
+                time.sleep(0.5)
+            raise TimeoutError(f"the MLflow server did not answer in 90 s; see {self.log_path}")
+        except BaseException:
+            self.__exit__()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        try:
+            os.killpg(self.process.pid, signal.SIGTERM)  # the server and its uvicorn worker
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            _kill_group(self.process.pid)
+            self.process.wait(timeout=10)
+        except ProcessLookupError:
+            pass
+        _kill_group(self.process.pid)  # a worker that outlived the server
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """Ids of this user's processes whose command line contains ``text`` (a unique temp dir)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if entry.stat().st_uid == os.getuid() and text in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                found.append(int(entry.name))
+        except OSError:  # exited meanwhile
+            continue
+    return found
+
+
+def kill_processes_mentioning(text: str, grace_s: float = 10) -> None:
+    pids = processes_mentioning(text)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + grace_s
+    while pids and time.monotonic() < deadline:
+        time.sleep(0.5)
+        pids = [pid for pid in pids if Path(f"/proc/{pid}").exists() and _not_zombie(pid)]
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _not_zombie(pid: int) -> bool:
+    try:
+        return " Z " not in Path(f"/proc/{pid}/stat").read_text().split(")", 1)[1][:4]
+    except OSError:
+        return False
