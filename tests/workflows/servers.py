@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,9 +53,12 @@ class LocalCluster:
     dashboard_port: int = field(default_factory=free_port)
     processes: list[subprocess.Popen] = field(default_factory=list)
 
-    @property
-    def temp_dir(self) -> Path:
-        return self.root / "ray"
+    temp_dir: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        # Ray's sockets live under temp_dir/nodeN/session_<date>_<pid>/sockets and AF_UNIX paths end at
+        # 107 bytes: pytest's temp paths are too long. A short folder in /tmp; its logs go to `root` at the end.
+        self.temp_dir = Path(tempfile.mkdtemp(prefix="vf-ray-"))
 
     @property
     def address(self) -> str:
@@ -70,17 +75,17 @@ class LocalCluster:
             "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # `vitflow` for job entrypoints
             "RAY_AUTH_MODE": "token",
             "RAY_AUTH_TOKEN": self.token,
-            "RAY_TMPDIR": str(self.temp_dir),
+            "RAY_TMPDIR": str(self.temp_dir / "node0"),  # where the head records the cluster's address
             "RAY_USAGE_STATS_ENABLED": "0",
             "MLFLOW_DISABLE_TELEMETRY": "true",
         }
 
     def start(self, timeout_s: float = 120) -> LocalCluster:
-        self.temp_dir.mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(parents=True, exist_ok=True)
         for index, resources in enumerate(self.nodes):
             self._start_node(index, resources)
             if index == 0:
-                self._wait(lambda: self._get("/api/version").ok, timeout_s, "the head's dashboard")
+                self._wait(lambda: self.get("/api/version").ok, timeout_s, "the head's dashboard")
         self._wait(lambda: len(self.alive_nodes()) == len(self.nodes), timeout_s, f"{len(self.nodes)} alive nodes")
         return self
 
@@ -90,7 +95,9 @@ class LocalCluster:
             "--node-ip-address=127.0.0.1",
             f"--num-cpus={resources.num_cpus}", "--num-gpus=0",
             f"--memory={resources.memory}", f"--object-store-memory={resources.object_store_memory}",
-            f"--temp-dir={self.temp_dir}",
+            # One temp dir per node, as on separate machines: a shared one would have both nodes unpack
+            # a job's working_dir into the same folder, deleting it under the running driver.
+            f"--temp-dir={self.temp_dir / f'node{index}'}",
             # Two raylets share one host: every fixed default port (agent 52365, workers 10002+) would clash.
             f"--dashboard-agent-listen-port={free_port()}", "--min-worker-port=0", "--max-worker-port=0",
         ]
@@ -99,21 +106,20 @@ class LocalCluster:
                         "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
                         f"--ray-client-server-port={free_port()}"]
         else:
-            command += [f"--address={self.address}", "--include-log-monitor=false"]  # the head's reads all logs
+            command += [f"--address={self.address}"]
         log = open(self.root / f"node-{index}.log", "wb")
         self.processes.append(subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT,
                                                start_new_session=True))
         log.close()
 
-    def _get(self, path: str, **params) -> requests.Response:
+    def get(self, path: str, **params) -> requests.Response:
         return requests.get(f"{self.dashboard_url}{path}", params=params, timeout=10,
                             headers={"Authorization": f"Bearer {self.token}"})
 
     def _wait(self, ready, timeout_s: float, what: str) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            dead = [p.args[3:5] for p in self.processes if p.poll() is not None]
-            if dead:
+            if any(process.poll() is not None for process in self.processes):
                 raise RuntimeError(f"a Ray node exited while waiting for {what}; see {self.root}/node-*.log")
             try:
                 if ready():
@@ -129,7 +135,7 @@ class LocalCluster:
         if filters:
             params.update(filter_keys=list(filters), filter_predicates=["="] * len(filters),
                           filter_values=list(filters.values()))
-        response = self._get(f"/api/v0/{resource}", **params)
+        response = self.get(f"/api/v0/{resource}", **params)
         response.raise_for_status()
         return response.json()["data"]["result"]["result"]
 
@@ -148,6 +154,12 @@ class LocalCluster:
                 _kill_group(process.pid)
                 process.wait(timeout=10)
         kill_processes_mentioning(str(self.temp_dir))
+        for index in range(len(self.nodes)):
+            logs = self.temp_dir / f"node{index}" / "session_latest" / "logs"
+            if logs.is_dir():
+                shutil.copytree(logs, self.root / f"ray-logs-node{index}", dirs_exist_ok=True,
+                                ignore_dangling_symlinks=True)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
 
     def __enter__(self) -> LocalCluster:
         try:

@@ -1,0 +1,153 @@
+"""cluster.yaml against Ray's own schema, and `vitflow submit` on a real 2-node Ray cluster (two raylets
+on this machine) with a real MLflow server: the pre-training's workers must land on both nodes."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+from tests.conftest import REPO_ROOT
+from tests.workflows.servers import LocalCluster, MlflowServer, NodeResources, free_port, processes_mentioning
+
+
+def vitflow(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
+    exe = shutil.which("vitflow") or str(Path(sys.executable).parent / "vitflow")
+    return subprocess.run([exe, *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def launcher_config(config: dict) -> dict:
+    """What `ray up` checks before it contacts the cloud: defaults filled in, then the schema."""
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    prepared = prepare_config(copy.deepcopy(config))
+    validate_config(prepared)
+    return prepared
+
+
+def test_cluster_yaml_passes_rays_launcher_validation_and_keeps_the_cluster_private():
+    config = yaml.safe_load((REPO_ROOT / "cluster.yaml").read_text())
+    prepared = launcher_config(config)
+
+    nodes = prepared["available_node_types"]
+    head = nodes[prepared["head_node_type"]]
+    assert "GPU" not in head["resources"]
+    gpu_types = [node for node in nodes.values() if node["resources"].get("GPU") == 8]
+    assert len(gpu_types) == 2 and all(0 == node["min_workers"] < node["max_workers"] for node in gpu_types)
+    assert {node["node_config"]["InstanceType"] for node in gpu_types} == {"p4d.24xlarge", "p5.48xlarge"}
+    assert sum(node["max_workers"] for node in gpu_types) == prepared["max_workers"]
+
+    # Private: one pre-made security group on every node (so the launcher opens nothing itself),
+    # internal IPs, and the dashboard bound to localhost (reached by `ray dashboard` tunnels).
+    assert prepared["provider"]["use_internal_ips"] is True and "security_group" not in prepared["provider"]
+    assert all(node["node_config"].get("SecurityGroupIds") for node in nodes.values())
+    head_start = " ".join(prepared["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head_start and "0.0.0.0" not in yaml.safe_dump(prepared)
+
+    # Token authentication for every Ray command, the token on every node, and the shared storage
+    # and tracking settings in every node's environment.
+    for command in prepared["head_start_ray_commands"] + prepared["worker_start_ray_commands"]:
+        assert command.startswith("RAY_AUTH_MODE=token ray stop") or "RAY_AUTH_MODE=token ray start" in command
+    assert "~/.ray/auth_token" in prepared["file_mounts"]
+    setup = " ".join(prepared["setup_commands"])
+    for variable in ("RAY_AUTH_MODE=token", "VITFLOW_STORAGE=s3://", "MLFLOW_TRACKING_URI="):
+        assert variable in setup
+    assert "pip install" in setup and "vitflow @ git+https://" in setup
+
+
+def test_the_launcher_validation_catches_mistakes():
+    config = yaml.safe_load((REPO_ROOT / "cluster.yaml").read_text())
+    misspelt = {**config, "max_worker": 8}
+    with pytest.raises(jsonschema.ValidationError, match="max_worker"):
+        launcher_config(misspelt)
+    too_many = copy.deepcopy(config)
+    too_many["available_node_types"]["worker.a100x8"]["min_workers"] = 9
+    with pytest.raises(ValueError, match="max_workers"):
+        launcher_config(too_many)
+
+
+@pytest.fixture(scope="module")
+def two_node_cluster(tmp_path_factory):
+    """Two raylets with 1 CPU each: two 1-CPU training workers can only run one per node."""
+    root = tmp_path_factory.mktemp("cluster")
+    node = NodeResources(num_cpus=1, memory=3 * 1024**3, object_store_memory=300 * 1024**2)
+    with LocalCluster(root, nodes=(node, node)) as cluster:
+        yield cluster
+    assert processes_mentioning(str(cluster.temp_dir)) == []  # nothing of the cluster outlives the test
+
+
+@pytest.fixture
+def tracking_server(tmp_path):
+    from workflows.ui import server_command, server_env
+
+    port = free_port()
+    command = server_command(f"sqlite:///{tmp_path / 'server' / 'mlflow.db'}", tmp_path / "server" / "artifacts", port=port)
+    (tmp_path / "server").mkdir()
+    with MlflowServer(command, port, tmp_path / "mlflow-server.log", env=server_env()) as server:
+        yield server
+
+
+@pytest.mark.slow
+def test_submit_pretraining_to_a_two_node_cluster(tmp_path, cifar_shards, two_node_cluster, tracking_server):
+    from mlflow.tracking import MlflowClient
+
+    config = {
+        "name": "two-nodes",
+        "dataset": str(cifar_shards),
+        "model": {"variant": "Ti/8", "image_size": 32, "embed_dim": 48, "depth": 2, "num_heads": 3},
+        "data": {"batch_size": 32, "num_workers": 1, "shuffle_buffer": 64},
+        "train": {"total_steps": 10, "log_every": 5, "checkpoint_every": 10, "optim": {"lr": 2e-3, "warmup_steps": 2}},
+        "resources": {"num_workers": 2, "cpus_per_worker": 1},
+        "storage_path": str(tmp_path / "runs"),  # one filesystem: both nodes see it (on a cloud: s3://)
+        "max_failures": 0,
+        "tracking": {"uri": tracking_server.url, "experiment": "cluster-test"},
+    }
+    spec = tmp_path / "pretrain.yaml"
+    spec.write_text(yaml.safe_dump(config))
+
+    start = time.monotonic()
+    result = vitflow("submit", str(spec), "--command", "pretrain", "--address", two_node_cluster.dashboard_url,
+                     "--wait", timeout=900, env=two_node_cluster.env)
+    elapsed = time.monotonic() - start
+    assert result.returncode == 0, f"{result.stdout[-6000:]}\n{result.stderr[-3000:]}"
+    job_id = result.stdout.splitlines()[0]
+    assert job_id.startswith("raysubmit_") and "SUCCEEDED" in result.stderr
+    assert "registered: models:/vit-pretrained/1" in result.stdout  # the job's own output, followed live
+
+    status = vitflow("status", job_id, "--address", two_node_cluster.dashboard_url, env=two_node_cluster.env)
+    assert status.returncode == 0 and f"{job_id}: SUCCEEDED" in status.stdout
+    logs = vitflow("logs", job_id, "--address", two_node_cluster.dashboard_url, env=two_node_cluster.env)
+    assert logs.returncode == 0 and "registered: models:/vit-pretrained/1" in logs.stdout
+
+    # The span, from Ray's own records: the job's Ray Train workers ran on both nodes of the cluster.
+    ray_job_id = two_node_cluster.get(f"/api/jobs/{job_id}").json()["job_id"]
+    workers = two_node_cluster.state("actors", class_name="RayTrainWorker", job_id=ray_job_id)
+    assert len(workers) == 2, workers
+    nodes = {node["node_id"] for node in two_node_cluster.alive_nodes()}
+    assert len(nodes) == 2 and {worker["node_id"] for worker in workers} == nodes
+
+    # The model is registered in the tracking server the job driver and rank 0 reported to.
+    client = MlflowClient(tracking_server.url, registry_uri=tracking_server.url)
+    (version,) = client.search_model_versions("name = 'vit-pretrained'")
+    run = client.get_run(version.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["vitflow.run_name"] == "two-nodes"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [5, 10]
+    print(f"2-node submit --wait: {elapsed:.0f} s")
+
+
+def test_leftovers_are_found_by_their_command_line(tmp_path):
+    marker = str(tmp_path / "marker")
+    assert processes_mentioning(marker) == []
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", marker])
+    try:
+        assert processes_mentioning(marker) == [child.pid]
+    finally:
+        child.kill()
+        child.wait()
