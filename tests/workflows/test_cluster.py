@@ -151,3 +151,17 @@ def test_leftovers_are_found_by_their_command_line(tmp_path):
     finally:
         child.kill()
         child.wait()
+
+
+@pytest.mark.slow
+def test_a_failed_job_or_a_wrong_token_ends_submit_with_an_error(tmp_path, two_node_cluster):
+    spec = tmp_path / "pretrain.yaml"
+    spec.write_text(yaml.safe_dump({"name": "no-data", "dataset": str(tmp_path / "missing"), "train": {"total_steps": 1}}))
+    result = vitflow("submit", str(spec), "--command", "pretrain", "--address", two_node_cluster.dashboard_url,
+                     "--wait", env=two_node_cluster.env, timeout=300)
+    assert result.returncode == 1 and "FAILED" in result.stderr, result.stderr[-3000:]
+    assert "missing" in result.stdout  # the job's own error message, followed live
+
+    wrong_token = {**two_node_cluster.env, "RAY_AUTH_TOKEN": "0" * 64}
+    result = vitflow("status", result.stdout.splitlines()[0], "--address", two_node_cluster.dashboard_url, env=wrong_token)
+    assert result.returncode == 1 and "refused the request" in result.stderr and "Traceback" not in result.stderr
