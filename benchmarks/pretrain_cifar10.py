@@ -25,8 +25,8 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 
 from benchmarks.corpora import cifar10_shards  # noqa: E402
 from vit import VisionTransformer  # noqa: E402
-from vit.data import DataConfig, eval_loader, train_loader  # noqa: E402
-from vit.loop import TrainConfig, evaluate, fit  # noqa: E402
+from vit.data import eval_loader  # noqa: E402
+from vit.loop import evaluate  # noqa: E402
 from workflows import tracking  # noqa: E402
 from workflows.pretrain import PretrainConfig, run_pretrain  # noqa: E402
 
@@ -46,17 +46,18 @@ def data_section(batch_size: int) -> dict:
             "crop_pct": 1.0, "mean": CIFAR_MEAN, "std": CIFAR_STD}
 
 
-def calibrate(shards: Path, args) -> float:
-    """Training img/s of this model on this machine: a short in-process run, warm-up excluded."""
-    data = DataConfig.from_dict({**data_section(args.batch_size), "image_size": 32})
-    loader = train_loader(shards, data, rank=0, world_size=1)
-    model = VisionTransformer(PretrainConfig.model_validate(
-        {"name": "calibrate", "dataset": str(shards), "model": model_section(args.smoke), "train": {"total_steps": 1}}
-    ).model.build(num_classes=loader.num_classes))
-    rates = []
-    fit(model, loader, None, TrainConfig(total_steps=24, log_every=6, precision=args.precision),
-        report=lambda step, metrics, checkpoint_dir=None: rates.append(metrics["train/images_per_sec"]))
-    return sorted(rates[1:])[len(rates[1:]) // 2]
+def calibrate(shards: Path, args, base: dict) -> float:
+    """Training img/s of this model through the real stage on this machine: a short run, the first
+    logging window (warm-up) dropped, the median of the rest."""
+    config = PretrainConfig.model_validate({
+        **base, "name": f"calibrate-{int(time.time())}", "register_as": None,
+        "train": {"total_steps": 60, "log_every": 10, "precision": args.precision},
+        "tracking": {"uri": base["tracking"]["uri"], "experiment": "calibration"},
+    })
+    result = run_pretrain(config)
+    history = MlflowClient(config.tracking.uri).get_metric_history(result.run_id, "train/images_per_sec")
+    rates = [m.value for m in sorted(history, key=lambda m: m.step)][1:-1]
+    return sorted(rates)[len(rates) // 2]
 
 
 def main() -> None:
@@ -64,35 +65,38 @@ def main() -> None:
     parser.add_argument("--budget-min", type=float, default=60.0, help="wall-clock budget of the whole run")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--precision", default="bf16", choices=["fp32", "bf16"])
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--lr", type=float, default=1.5e-3)
     parser.add_argument("--workdir", type=Path, default=REPO / "benchmarks" / ".work" / "pretrain_cifar10")
     parser.add_argument("--smoke", action="store_true", help="a tiny model: checks the script, not a result")
     args = parser.parse_args()
     started = time.monotonic()
     args.workdir.mkdir(parents=True, exist_ok=True)
     shards = cifar10_shards(args.workdir / "shards")
-    rate = calibrate(shards, args)
-    # What is left of the budget, less the stage's fixed costs (Ray start, worker group, ~8 evaluations of
-    # the 1,000 validation images, the final test evaluation, model logging): about 3 minutes here.
+    uri = f"sqlite:///{args.workdir / 'mlflow.db'}"
+    base = {
+        "dataset": str(shards),
+        "model": model_section(args.smoke),
+        "data": data_section(args.batch_size),
+        "resources": {"num_workers": 1, "cpus_per_worker": 2},
+        "storage_path": str(args.workdir / "runs"),
+        "tracking": {"uri": uri, "experiment": "pretrain-cifar10"},
+    }
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    rate = calibrate(shards, args, base)
+    # What is left of the budget, less the stage's fixed costs (worker group start, ~8 evaluations of the
+    # 1,000 validation images, the final test evaluation, model logging): about 3 minutes here.
     train_seconds = args.budget_min * 60 - (time.monotonic() - started) - 180
     total_steps = max(20, int(train_seconds * rate / args.batch_size))
     print(f"calibration: {rate:.1f} img/s -> {total_steps} steps of {args.batch_size} "
           f"({total_steps * args.batch_size / 49000:.1f} epochs) in {train_seconds / 60:.1f} min", flush=True)
-    uri = f"sqlite:///{args.workdir / 'mlflow.db'}"
     config = PretrainConfig.model_validate({
+        **base,
         "name": f"cifar10-{'smoke' if args.smoke else 'ti4'}-{total_steps}",
-        "dataset": str(shards),
-        "model": model_section(args.smoke),
-        "data": data_section(args.batch_size),
         "train": {"total_steps": total_steps, "log_every": 50, "eval_every": max(total_steps // 8, 1),
                   "checkpoint_every": max(total_steps // 8, 1), "precision": args.precision, "label_smoothing": 0.1,
                   "optim": {"lr": args.lr, "weight_decay": 0.05, "warmup_steps": max(total_steps // 20, 1),
                             "min_lr_ratio": 0.01}},
-        "resources": {"num_workers": 1, "cpus_per_worker": 2},
-        "storage_path": str(args.workdir / "runs"),
-        "tracking": {"uri": uri, "experiment": "pretrain-cifar10"},
     })
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
     try:
         result = run_pretrain(config)
     finally:
