@@ -110,6 +110,55 @@ def finished_model(tracking_uri: str, run_id: str, registered_name: str | None) 
     return f"runs:/{run_id}/model", version, dict(run.data.metrics)
 
 
+def log_metrics(tracking_uri: str, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
+    now = int(time.time() * 1000)
+    MlflowClient(tracking_uri).log_batch(
+        run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items() if _is_number(v)]
+    )
+
+
+def log_artifacts(tracking_uri: str, run_id: str, paths: list[Path], artifact_path: str | None = None) -> None:
+    client = MlflowClient(tracking_uri)
+    for path in paths:
+        client.log_artifact(run_id, str(path), artifact_path=artifact_path)
+
+
+def resolve_version(tracking_uri: str, model_uri: str) -> str | None:
+    """The registered version behind ``models:/name/3`` or ``models:/name@alias``; None for other URIs."""
+    if not model_uri.startswith("models:/"):
+        return None
+    name_and_ref = model_uri.removeprefix("models:/").split("/")
+    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+    if "@" in name_and_ref[0]:
+        name, alias = name_and_ref[0].split("@", 1)
+        return str(client.get_model_version_by_alias(name, alias).version)
+    return name_and_ref[1] if len(name_and_ref) > 1 else None
+
+
+def promote_if_better(tracking_uri: str, name: str, version: str, alias: str, *, test_key: str, score: float) -> bool:
+    """Point ``alias`` at ``version`` when the alias is free, or its holder scored lower on the same test
+    split (``test_key``: dataset fingerprint and split). A holder measured on another split cannot be
+    compared, so it keeps the alias. Returns whether ``version`` holds the alias now."""
+    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+    try:
+        holder = client.get_model_version_by_alias(name, alias)
+    except mlflow.exceptions.MlflowException:
+        holder = None
+    if holder is not None:
+        if str(holder.version) == str(version):
+            return True
+        same_split = holder.tags.get("test_split") == test_key
+        holder_score = float(holder.tags.get("test_top1", "nan"))
+        if same_split and not score > holder_score:
+            log.info("%s@%s stays on version %s (%.4f >= %.4f)", name, alias, holder.version, holder_score, score)
+            return False
+        if not same_split:
+            log.info("%s@%s was measured on another test split; comparing is impossible, keeping it", name, alias)
+            return False
+    client.set_registered_model_alias(name, alias, str(version))
+    return True
+
+
 def end_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:
     MlflowClient(tracking_uri).set_terminated(run_id, status=status)
 

@@ -26,6 +26,26 @@ def cifar_shards(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def flowers_shards(tmp_path_factory) -> Path:
+    """6 Flowers-17 classes (16 train, 4 test photos each) resized to 64 px by vitflow's pipeline,
+    a quarter of train carved out as validation."""
+    import shutil
+
+    from pipeline import ShardConfig, write_shards
+
+    root = tmp_path_factory.mktemp("flowers-src") / "flowers17"
+    classes = sorted(p.name for p in (DATASETS / "flowers17" / "train").iterdir())[:6]
+    for split, count in (("train", 16), ("test", 4)):
+        for name in classes:
+            (root / split / name).mkdir(parents=True)
+            for file in sorted((DATASETS / "flowers17" / split / name).iterdir())[:count]:
+                shutil.copyfile(file, root / split / name / file.name)
+    out = tmp_path_factory.mktemp("flowers-shards") / "flowers17"
+    write_shards(root, out, ShardConfig(max_size=64, val_fraction=0.25, max_shard_samples=24), workers=0, progress=False)
+    return out
+
+
 @pytest.fixture(scope="module")
 def local_ray(tmp_path_factory):
     """A real local Ray with 2 CPUs and its state under the test's temp dir; shut down afterwards."""
@@ -33,6 +53,12 @@ def local_ray(tmp_path_factory):
 
     temp = tmp_path_factory.mktemp("ray")
     os.environ["RAY_TMPDIR"] = str(temp)
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=str(temp), logging_level="WARNING")
+    # A loaded machine (CI, or a benchmark beside the tests) can take over Ray Train's default 60 s to
+    # start a worker group (each worker imports torch); the controller reads this at start.
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
+    from workflows.finetune import TRIAL_DRIVER_RESOURCE
+
+    ray.init(num_cpus=2, resources={TRIAL_DRIVER_RESOURCE: 2}, include_dashboard=False, _temp_dir=str(temp),
+             logging_level="WARNING")
     yield ray
     ray.shutdown()

@@ -1,0 +1,114 @@
+"""A real fine-tuning search: Ray Tune over resolution and learning rate, each trial a Ray Train run from a
+registered pre-trained model, on real Flowers-17 shards, tracked in a real MLflow store."""
+
+from __future__ import annotations
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+import mlflow
+from vit import VisionTransformer, decode_variant
+from vit.data import DataConfig, train_loader
+from vit.loop import TrainConfig, fit
+from workflows import tracking
+from workflows.finetune import FinetuneSearchConfig, pareto_front, run_finetune, trial_configs
+
+CIFAR_NORM = {"mean": (0.49, 0.48, 0.45), "std": (0.25, 0.24, 0.26)}
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory, cifar_shards):
+    """A tiny ViT pre-trained for a few steps on real CIFAR-10 shards, registered as vit-pretrained."""
+    store = tmp_path_factory.mktemp("store")
+    uri = f"sqlite:///{store / 'mlflow.db'}"
+    data = DataConfig(batch_size=32, num_workers=0, image_size=32, crop_pct=1.0, **CIFAR_NORM)
+    loader = train_loader(cifar_shards, data, rank=0, world_size=1)
+    model = VisionTransformer(decode_variant("Ti/8", image_size=32, num_classes=10, embed_dim=48, depth=2, num_heads=3))
+    fit(model, loader, None, TrainConfig(total_steps=15, log_every=5), report=lambda *a, **k: None)
+    run_id = tracking.start_run(uri, "finetune-test", "pretrain")
+    logged = tracking.log_vit_model(uri, run_id, model, list(loader.class_names))
+    version = tracking.register_model(uri, logged.model_uri, "vit-pretrained", {"variant": "Ti/8"}, run_id)
+    tracking.end_run(uri, run_id)
+    return uri, version, store
+
+
+def search_config(store, shards, name: str, **changes) -> FinetuneSearchConfig:
+    fields = dict(
+        name=name,
+        pretrained="models:/vit-pretrained@candidate",
+        dataset=str(shards),
+        finetune={"optim": {"optimizer": "sgd", "lr": 0.01, "momentum": 0.9, "weight_decay": 0.0, "warmup_steps": 2}},
+        data={"batch_size": 16, "num_workers": 0, "crop_scale": (0.5, 1.0), "crop_pct": 1.0, **CIFAR_NORM},
+        train={"total_steps": 12, "log_every": 4, "eval_every": 4, "checkpoint_every": 4},
+        search={"image_size": [32, 48], "lr": {"min": 1e-4, "max": 0.3}, "num_samples": 6, "max_concurrent_trials": 2,
+                "scheduler": {"grace_period": 4, "reduction_factor": 2}, "seed": 1},
+        resources={"num_workers": 1},
+        storage_path=str(store / "runs"),
+        tracking={"uri": f"sqlite:///{store / 'mlflow.db'}", "experiment": "finetune-test"},
+    )
+    fields.update(changes)
+    return FinetuneSearchConfig.model_validate(fields)
+
+
+@pytest.mark.slow
+def test_search_registers_a_champion_with_lineage(pretrained, flowers_shards, local_ray):
+    uri, pretrained_version, store = pretrained
+    client = MlflowClient(uri, registry_uri=uri)
+    client.set_registered_model_alias("vit-pretrained", "candidate", pretrained_version)
+    config = search_config(store, flowers_shards, "flowers-search")
+    result = run_finetune(config)
+
+    # Every trial is a nested MLflow run with its parameters.
+    trials = client.search_runs([client.get_experiment_by_name("finetune-test").experiment_id],
+                                filter_string=f"tags.`mlflow.parentRunId` = '{result.search_run_id}'")
+    assert len(trials) == 6
+    for run in trials:
+        assert {"image_size", "lr", "model.image_size", "train.optim.optimizer"} <= set(run.data.params)
+        assert run.data.params["model.image_size"] in ("[32, 32]", "[48, 48]")
+        # The head fine-tuning started from was exactly zero (logged by rank 0 before the first step).
+        assert client.get_metric_history(run.info.run_id, "init/head_abs_max")[0].value == 0.0
+    # ASHA stopped at least one trial before the full 12 steps; two resolutions were tried.
+    table = pq.read_table(mlflow.artifacts.download_artifacts(result.results_table, tracking_uri=uri)).to_pylist()
+    assert len(table) == 6 and {row["image_size"] for row in table} == {32, 48}
+    assert any(row["steps"] < 12 for row in table), table
+    assert all(row["gflops"] > 0 and row["images_per_sec"] > 0 for row in table)
+    assert {a.path for a in client.list_artifacts(result.search_run_id, "search")} == {"search/trials.parquet", "search/accuracy_vs_gflops.png"}
+
+    # The registered model: lineage tags, champion alias, position embeddings for its own image size.
+    version = client.get_model_version("vit-finetuned", result.version)
+    assert version.tags["pretrained_model"] == "models:/vit-pretrained@candidate"
+    assert version.tags["pretrained_version"] == pretrained_version
+    assert version.tags["search_run_id"] == result.search_run_id
+    assert version.tags["dataset_fingerprint"] == __import__("json").load(open(flowers_shards / "dataset.json"))["fingerprint"]
+    assert client.get_model_version_by_alias("vit-finetuned", "champion").version == result.version and result.champion
+    plain = tracking.load_plain_model(uri, "models:/vit-finetuned@champion")
+    size = plain.config.image_size[0]
+    assert plain.state_dict["pos_embed"].shape == (1, 1 + (size // 8) ** 2, 48)
+    assert plain.config.num_classes == 6 and len(plain.class_names) == 6
+
+
+def test_trial_parameters_reach_the_right_fields(tmp_path, flowers_shards):
+    config = search_config(tmp_path, flowers_shards, "x", search={
+        "image_size": [48], "lr": {"min": 0.001, "max": 0.1}, "choices": {"train.label_smoothing": [0.1], "data.randaugment": [True]}})
+    sections = trial_configs(config, {"image_size": 48, "lr": 0.05, "train.label_smoothing": 0.1, "data.randaugment": True},
+                             decode_variant("Ti/8", image_size=32, num_classes=10), num_classes=6)
+    assert sections["data"]["image_size"] == 48 and sections["model"]["image_size"] == [48, 48]
+    assert sections["train"]["optim"]["lr"] == 0.05 and sections["train"]["label_smoothing"] == 0.1
+    assert sections["data"]["randaugment"] is True and sections["model"]["num_classes"] == 6
+
+
+def test_search_configuration_errors(tmp_path, flowers_shards):
+    with pytest.raises(ValueError, match="min 0.1 must be below max 0.01"):
+        search_config(tmp_path, flowers_shards, "x", search={"image_size": [32], "lr": {"min": 0.1, "max": 0.01}})
+    with pytest.raises(ValueError, match="choices name fields"):
+        search_config(tmp_path, flowers_shards, "x", search={"image_size": [32], "lr": {"min": 0.01, "max": 0.1}, "choices": {"depth": [2]}})
+    with pytest.raises(ValueError, match="grace_period 40 exceeds"):
+        search_config(tmp_path, flowers_shards, "x", search={"image_size": [32], "lr": {"min": 0.01, "max": 0.1},
+                                                            "scheduler": {"grace_period": 40}})
+
+
+def test_pareto_front():
+    points = [(1.0, 0.5), (2.0, 0.6), (2.0, 0.55), (3.0, 0.58), (0.5, 0.4)]
+    assert sorted(pareto_front(points)) == [0, 1, 4]

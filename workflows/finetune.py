@@ -1,0 +1,462 @@
+"""The fine-tuning stage: a Ray Tune search over resolution and learning rate, each trial a Ray Train run
+that starts from the pre-trained model (paper Section 3.2: zero-initialised head, position embeddings
+interpolated in 2D to the new grid, SGD with momentum).
+
+Ray Train V2 + Tune: the trainable is a function that builds and fits a ``TorchTrainer`` whose workers
+report through ``TuneReportCallback``. A trial's function holds no CPU (it would starve its own workers on
+a small machine): it asks for the custom resource :data:`TRIAL_DRIVER_RESOURCE` instead, which vitflow
+gives the local Ray it starts (a cluster declares it on its head node, see ``cluster.yaml``).
+
+MLflow: a run for the search (nested under the workflow's run when given) and a child run per trial;
+the best trial's model is logged, registered as ``vit-finetuned``, and given the alias ``champion`` when it
+beats the current champion on the same test split.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import statistics
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from vit import ViTConfig, gflops
+from vit.data import DataConfig, read_dataset_index
+from vit.finetune import FinetuneConfig
+from vit.loop import TrainConfig
+from workflows.pretrain import NAME_TAG, STAGE_TAG, Resources, Tracking
+
+log = logging.getLogger(__name__)
+
+TRIAL_DRIVER_RESOURCE = "vitflow_trial_driver"
+METRIC = "val/top1"
+
+
+class LogUniform(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    min: float = Field(..., gt=0)
+    max: float = Field(..., gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> LogUniform:
+        if self.min >= self.max:
+            raise ValueError(f"min {self.min} must be below max {self.max}")
+        return self
+
+
+class Scheduler(BaseModel):
+    """ASHA on validation top-1; rungs are counted in training steps."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    grace_period: int = Field(..., ge=1, description="steps every trial runs before it may be stopped")
+    reduction_factor: float = Field(2, gt=1)
+
+
+class SearchConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    image_size: list[int] = Field(..., min_length=1, description="fine-tuning resolutions to choose from")
+    lr: LogUniform
+    choices: dict[str, list[Any]] = Field(default_factory=dict, description="more fields by dotted name, e.g. train.label_smoothing")
+    num_samples: int = Field(4, ge=1)
+    max_concurrent_trials: int = Field(2, ge=1)
+    scheduler: Scheduler | None = None
+    search_alg: Literal["random", "optuna"] = "random"
+    max_failures: int = Field(1, ge=0, description="retries of a failed trial")
+    seed: int = 0
+
+    @field_validator("choices")
+    @classmethod
+    def _known_fields(cls, choices: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        for name, values in choices.items():
+            section, _, key = name.partition(".")
+            if section not in ("data", "train", "optim", "finetune") or not key:
+                raise ValueError(f"{name!r}: choices name fields as data.X, train.X, optim.X or finetune.X")
+            if not values:
+                raise ValueError(f"{name!r}: give at least one value")
+        return choices
+
+
+class FinetuneSearchConfig(BaseModel):
+    """``vitflow finetune CONFIG``: the search, validated before anything starts."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    pretrained: str = Field(..., description="models:/vit-pretrained/3, models:/vit-pretrained@alias, runs:/<id>/model or a folder")
+    dataset: str = Field(..., description="the downstream shard folder")
+    train_split: str = "train"
+    val_split: str = "val"
+    test_split: str = "test"
+    finetune: FinetuneConfig = FinetuneConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig
+    search: SearchConfig
+    resources: Resources = Resources()
+    storage_path: str = "vitflow-runs"
+    tracking: Tracking = Tracking()
+    register_as: str | None = "vit-finetuned"
+    champion_alias: str = "champion"
+
+    @model_validator(mode="after")
+    def _consistent(self) -> FinetuneSearchConfig:
+        if self.search.scheduler and self.search.scheduler.grace_period > self.train.total_steps:
+            raise ValueError(f"search.scheduler.grace_period {self.search.scheduler.grace_period} exceeds "
+                             f"train.total_steps {self.train.total_steps}")
+        if not self.train.eval_every:
+            raise ValueError("train.eval_every must be set: the search compares trials on validation top-1")
+        return self
+
+
+@dataclass(frozen=True)
+class FinetuneResult:
+    search_run_id: str
+    best_run_id: str
+    model_uri: str
+    registered_name: str | None
+    version: str | None
+    champion: bool
+    test_top1: float
+    results_table: str  # artifact URI of the trials table (Parquet)
+
+
+def load_config(path: str | Path) -> FinetuneSearchConfig:
+    import yaml
+
+    with open(path) as handle:
+        return FinetuneSearchConfig.model_validate(yaml.safe_load(handle) or {})
+
+
+def trial_configs(config: FinetuneSearchConfig, params: dict[str, Any], model: ViTConfig, num_classes: int) -> dict[str, Any]:
+    """The plain-dict configuration a trial trains with: the stage's, with the trial's parameters applied."""
+    sections = {
+        "data": config.data.to_dict(),
+        "train": config.train.to_dict(),
+        "finetune": config.finetune.to_dict(),
+    }
+    sections["train"]["optim"] = config.finetune.optim.to_dict()
+    for name, value in params.items():
+        if name == "image_size":
+            sections["data"]["image_size"] = value
+            sections["finetune"]["image_size"] = value
+        elif name == "lr":
+            sections["train"]["optim"]["lr"] = value
+        else:
+            section, _, key = name.partition(".")
+            target = sections["train"]["optim"] if section == "optim" else sections[section]
+            target[key] = value
+    # Validate once more with the trial's values: a bad combination fails the trial with a clear message.
+    DataConfig.from_dict(sections["data"])
+    TrainConfig.from_dict(sections["train"])
+    finetune = FinetuneConfig.from_dict(sections["finetune"])
+    target = model.replace(image_size=finetune.image_size, num_classes=num_classes)
+    sections["model"] = target.to_dict()
+    return sections
+
+
+def run_finetune(config: FinetuneSearchConfig, *, parent_run_id: str | None = None) -> FinetuneResult:
+    import ray
+
+    from workflows import tracking
+
+    index = read_dataset_index(config.dataset)
+    for split in (config.train_split, config.val_split, config.test_split):
+        index.split(split)
+    tracking_uri = config.tracking.uri or tracking.default_tracking_uri()
+    pretrained = tracking.load_plain_model(tracking_uri, config.pretrained)
+    for size in config.search.image_size:  # the resolutions must fit the pre-trained patch size
+        pretrained.config.replace(image_size=size, num_classes=index.num_classes)
+
+    tags = {NAME_TAG: config.name, STAGE_TAG: "finetune"}
+    search_run_id = tracking.find_run(tracking_uri, config.tracking.experiment, tags)
+    if search_run_id is None:
+        search_run_id = tracking.start_run(
+            tracking_uri, config.tracking.experiment, config.name, parent_run_id=parent_run_id,
+            tags={**tags, "vitflow.pretrained": config.pretrained, "vitflow.dataset_fingerprint": index.fingerprint},
+        )
+        tracking.log_params(tracking_uri, search_run_id, {
+            "pretrained": config.pretrained, "dataset": config.dataset, "search": config.search.model_dump(),
+            "finetune": config.finetune.to_dict(), "train": config.train.to_dict(), "data": config.data.to_dict(),
+        })
+        tracking.log_dataset(tracking_uri, search_run_id, config.dataset, name=Path(config.dataset).name,
+                             digest=index.fingerprint, context="fine-tuning")
+    else:
+        tracking.reopen_run(tracking_uri, search_run_id)
+
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(resources={TRIAL_DRIVER_RESOURCE: config.search.max_concurrent_trials}, include_dashboard=False,
+                 logging_level="WARNING")
+    try:
+        grid = _search(config, pretrained, index, tracking_uri, search_run_id)
+        result = _conclude(config, grid, pretrained, index, tracking_uri, search_run_id)
+    except Exception:
+        tracking.end_run(tracking_uri, search_run_id, status="FAILED")
+        raise
+    finally:
+        if started_here:
+            ray.shutdown()
+    tracking.end_run(tracking_uri, search_run_id)
+    return result
+
+
+def _search(config: FinetuneSearchConfig, pretrained, index, tracking_uri: str, search_run_id: str):
+    import ray
+    from ray import tune
+    from ray.tune import FailureConfig, RunConfig, TuneConfig, Tuner
+    from ray.tune.schedulers import ASHAScheduler
+
+    space: dict[str, Any] = {
+        "image_size": tune.choice(config.search.image_size),
+        "lr": tune.loguniform(config.search.lr.min, config.search.lr.max),
+        **{name: tune.choice(values) for name, values in config.search.choices.items()},
+    }
+    search_alg = None
+    if config.search.search_alg == "optuna":
+        try:
+            from ray.tune.search.optuna import OptunaSearch
+        except ImportError as error:
+            raise ValueError(f"search.search_alg 'optuna' needs the optuna package: {error}") from None
+        search_alg = OptunaSearch(metric=METRIC, mode="max", seed=config.search.seed)
+    scheduler = None
+    if config.search.scheduler:
+        scheduler = ASHAScheduler(time_attr="step", max_t=config.train.total_steps,
+                                  grace_period=config.search.scheduler.grace_period,
+                                  reduction_factor=config.search.scheduler.reduction_factor)
+    shared = {
+        "config": config.model_dump(mode="json"),
+        "pretrained": {"state_dict": ray.put(pretrained.state_dict), "config": pretrained.config.to_dict(),
+                       "mode": config.finetune.mode, "uri": config.pretrained},
+        "num_classes": index.num_classes,
+        "class_names": list(index.class_names),
+        "tracking_uri": tracking_uri,
+        "search_run_id": search_run_id,
+    }
+    trainable = tune.with_resources(tune.with_parameters(run_trial, shared=shared), _trial_resources())
+    storage = _storage_uri(config.storage_path)
+    path = f"{storage.rstrip('/')}/{config.name}"
+    if Tuner.can_restore(path):  # an interrupted search resumes: finished trials are kept
+        log.info("resuming search %s from %s", config.name, path)
+        tuner = Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        tuner = Tuner(
+            trainable,
+            param_space=space,
+            tune_config=TuneConfig(metric=METRIC, mode="max", num_samples=config.search.num_samples,
+                                   max_concurrent_trials=config.search.max_concurrent_trials,
+                                   scheduler=scheduler, search_alg=search_alg),
+            run_config=RunConfig(name=config.name, storage_path=storage,
+                                 failure_config=FailureConfig(max_failures=config.search.max_failures)),
+        )
+    return tuner.fit()
+
+
+def _trial_resources() -> dict[str, float]:
+    import ray
+
+    if ray.cluster_resources().get(TRIAL_DRIVER_RESOURCE, 0) >= 1:
+        return {TRIAL_DRIVER_RESOURCE: 1}
+    log.warning("the Ray cluster declares no %r resource: trial drivers take 0.01 CPU, which may limit "
+                "concurrency (start Ray with --resources '{\"%s\": N}')", TRIAL_DRIVER_RESOURCE, TRIAL_DRIVER_RESOURCE)
+    return {"CPU": 0.01}
+
+
+def _storage_uri(path: str) -> str:
+    return path if "://" in path else str(Path(path).resolve())
+
+
+def run_trial(params: dict[str, Any], shared: dict[str, Any]) -> None:
+    """One trial (runs in a Tune trial actor): a child MLflow run and a ``TorchTrainer`` fit whose
+    workers report to Tune through ``TuneReportCallback``."""
+    from ray import tune
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from workflows import tracking
+    from workflows.training import train_worker
+
+    config = FinetuneSearchConfig.model_validate(shared["config"])
+    pretrained = ViTConfig.from_dict(shared["pretrained"]["config"])
+    sections = trial_configs(config, params, pretrained, shared["num_classes"])
+    trial_id = tune.get_context().get_trial_id()
+    uri = shared["tracking_uri"]
+    tags = {STAGE_TAG: "finetune-trial", "vitflow.trial_id": trial_id, "vitflow.search_run_id": shared["search_run_id"]}
+    run_id = tracking.find_run(uri, config.tracking.experiment, tags)
+    if run_id is None:  # a restored search re-enters its trials: keep one MLflow run per trial
+        run_id = tracking.start_run(uri, config.tracking.experiment, f"{config.name}-{trial_id}",
+                                    parent_run_id=shared["search_run_id"], tags=tags)
+        target = ViTConfig.from_dict(sections["model"])
+        tracking.log_params(uri, run_id, {**{k: v for k, v in params.items()}, "model": sections["model"],
+                                          "data": sections["data"], "train": sections["train"],
+                                          "finetune": sections["finetune"], "gflops_per_image": round(gflops(target), 4),
+                                          "pretrained": shared["pretrained"]["uri"]})
+    else:
+        tracking.reopen_run(uri, run_id)
+    resources = config.resources
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={
+            **sections,
+            "dataset": str(Path(config.dataset).resolve()) if "://" not in config.dataset else config.dataset,
+            "train_split": config.train_split,
+            "val_split": config.val_split,
+            "class_names": shared["class_names"],
+            "tracking_uri": uri,
+            "run_id": run_id,
+            "pretrained": shared["pretrained"],
+        },
+        scaling_config=ScalingConfig(
+            num_workers=resources.num_workers, use_gpu=resources.use_gpu,
+            resources_per_worker={"CPU": resources.cpus_per_worker, **({"GPU": 1} if resources.use_gpu else {})},
+        ),
+        run_config=RunConfig(
+            name=f"{config.name}-{trial_id}",
+            storage_path=f"{_storage_uri(config.storage_path).rstrip('/')}/{config.name}-trials",
+            failure_config=FailureConfig(max_failures=0),  # Tune retries the whole trial
+            checkpoint_config=CheckpointConfig(num_to_keep=1),
+            callbacks=[TuneReportCallback()],
+        ),
+    )
+    try:
+        trainer.fit()
+    except Exception:
+        tracking.end_run(uri, run_id, status="FAILED")
+        raise
+    tracking.end_run(uri, run_id)
+
+
+# --- after the search -------------------------------------------------------------------------
+
+
+def trials_table(grid) -> list[dict[str, Any]]:
+    """One row per trial: its parameters, accuracy and compute (resolution, GFLOPs/image, img/s, time)."""
+    rows = []
+    for result in grid:
+        history = result.metrics_dataframe
+        params = dict(result.config)
+        image_size = int(params["image_size"])
+        metrics = result.metrics or {}
+        throughput = history["train/images_per_sec"].dropna().tolist() if history is not None and "train/images_per_sec" in history else []
+        checkpoints = history["checkpoint_path"].dropna().tolist() if history is not None and "checkpoint_path" in history else []
+        rows.append({
+            "trial_id": metrics.get("trial_id", Path(result.path).name),
+            "image_size": image_size,
+            "lr": float(params["lr"]),
+            **{k: v for k, v in params.items() if k not in ("image_size", "lr")},
+            "val_top1": float(metrics.get(METRIC, math.nan)),
+            "val_top5": float(metrics.get("val/top5", math.nan)),
+            "steps": int(metrics.get("step", 0)),
+            "status": "error" if result.error else "finished",
+            "images_per_sec": statistics.median(throughput) if throughput else math.nan,
+            "wall_time_s": float(metrics.get("time_total_s", math.nan)),
+            "checkpoint_path": checkpoints[-1] if checkpoints else None,
+        })
+    return rows
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the (cost, accuracy) points no other point beats on both: cheaper-or-equal and better."""
+    front = []
+    for i, (cost, accuracy) in enumerate(points):
+        dominated = any(c <= cost and a >= accuracy and (c, a) != (cost, accuracy) for c, a in points)
+        if not dominated and not math.isnan(accuracy):
+            front.append(i)
+    return front
+
+
+def write_tradeoff_figure(rows: list[dict[str, Any]], path: Path) -> Path:
+    """Validation top-1 against GFLOPs per image, one colour per resolution, the Pareto front marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    sizes = sorted({row["image_size"] for row in rows})
+    colours = plt.get_cmap("viridis")(range(0, 256, max(1, 256 // max(len(sizes), 1))))
+    for colour, size in zip(colours, sizes):
+        chosen = [row for row in rows if row["image_size"] == size]
+        ax.scatter([r["gflops"] for r in chosen], [100 * r["val_top1"] for r in chosen], color=colour,
+                   label=f"{size} px", s=40, edgecolor="k", linewidth=0.5)
+    front = sorted((rows[i]["gflops"], 100 * rows[i]["val_top1"]) for i in pareto_front([(r["gflops"], r["val_top1"]) for r in rows]))
+    if front:
+        ax.plot(*zip(*front), "r--", label="Pareto front", linewidth=1)
+    ax.set(xlabel="GFLOPs per image (forward)", ylabel="validation top-1 (%)", title="fine-tuning: accuracy vs compute")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _conclude(config: FinetuneSearchConfig, grid, pretrained, index, tracking_uri: str, search_run_id: str) -> FinetuneResult:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from ray.train import Checkpoint
+
+    from vit import VisionTransformer
+    from vit.data import eval_loader
+    from vit.loop import evaluate, load_checkpoint
+    from workflows import tracking
+
+    rows = trials_table(grid)
+    for row in rows:
+        row["gflops"] = gflops(pretrained.config.replace(image_size=row["image_size"], num_classes=index.num_classes))
+    finished = [row for row in rows if row["checkpoint_path"] and not math.isnan(row["val_top1"])]
+    if not finished:
+        errors = [str(result.error) for result in grid if result.error]
+        raise RuntimeError(f"fine-tuning search {config.name!r}: no trial finished; errors: {errors[:3]}")
+    best = max(finished, key=lambda row: (row["val_top1"], -row["gflops"]))
+    with tempfile.TemporaryDirectory() as tmp:
+        table = Path(tmp) / "trials.parquet"
+        pq.write_table(pa.Table.from_pylist([{k: v for k, v in row.items()} for row in rows]), table)
+        figure = write_tradeoff_figure(rows, Path(tmp) / "accuracy_vs_gflops.png")
+        tracking.log_artifacts(tracking_uri, search_run_id, [table, figure], "search")
+    tracking.log_metrics(tracking_uri, search_run_id, {"best/val_top1": best["val_top1"], "trials": len(rows),
+                                                       "trials_failed": sum(r["status"] == "error" for r in rows)})
+
+    with Checkpoint(best["checkpoint_path"]).as_directory() as folder:
+        state = load_checkpoint(folder)
+    model = VisionTransformer(ViTConfig.from_dict(state["model_config"]))
+    model.load_state_dict(state["model"])
+    data = DataConfig.from_dict({**config.data.to_dict(), "image_size": model.config.image_size[0]})
+    test = evaluate(model, eval_loader(config.dataset, data, rank=0, world_size=1, split=config.test_split))
+    best_run = tracking.find_run(tracking_uri, config.tracking.experiment,
+                                 {"vitflow.trial_id": best["trial_id"], "vitflow.search_run_id": search_run_id})
+    best_run = best_run or search_run_id
+    tracking.log_metrics(tracking_uri, best_run, {"test/top1": test["top1"], "test/top5": test["top5"]})
+    logged = tracking.log_vit_model(tracking_uri, best_run, model, list(index.class_names))
+    version, champion = None, False
+    if config.register_as:
+        test_key = f"{index.fingerprint}:{config.test_split}"
+        tags = {
+            "pretrained_model": config.pretrained,
+            "pretrained_version": _registry_version(tracking_uri, config.pretrained),
+            "dataset_fingerprint": index.fingerprint,
+            "search_run_id": search_run_id,
+            "image_size": best["image_size"],
+            "lr": f"{best['lr']:.4g}",
+            "test_split": test_key,
+            "test_top1": f"{test['top1']:.6f}",
+        }
+        version = tracking.register_model(tracking_uri, logged.model_uri, config.register_as, tags, best_run)
+        champion = tracking.promote_if_better(tracking_uri, config.register_as, version, config.champion_alias,
+                                              test_key=test_key, score=test["top1"])
+    return FinetuneResult(search_run_id=search_run_id, best_run_id=best_run, model_uri=logged.model_uri,
+                          registered_name=config.register_as, version=version, champion=champion,
+                          test_top1=test["top1"], results_table=f"runs:/{search_run_id}/search/trials.parquet")
+
+
+def _registry_version(tracking_uri: str, model_uri: str) -> str:
+    """The registered version a model URI points at (``models:/name@alias`` resolved), or ''."""
+    from workflows import tracking
+
+    return tracking.resolve_version(tracking_uri, model_uri) or ""
+
