@@ -80,6 +80,70 @@ def demo(
         fail(f"the model did not learn: loss {result.first_loss:.3f} -> {result.last_loss:.3f}", code=1)
 
 
+def _load_stage_config(path: Path, loader):
+    """A stage's YAML configuration, validated; user mistakes end the command with the file and key path."""
+    import yaml
+    from pydantic import ValidationError
+
+    if not path.is_file():
+        fail(f"{path}: no such file")
+    try:
+        return loader(path)
+    except ValidationError as error:
+        fail(f"{path}: invalid configuration\n{error}")
+    except yaml.YAMLError as error:
+        fail(f"{path}: not valid YAML\n{error}")
+
+
+@app.command()
+def finetune(
+    config: Path = typer.Argument(..., help="a YAML file with the fine-tuning search configuration"),
+    parent_run_id: str | None = typer.Option(None, help="nest the search's MLflow run under this run"),
+) -> None:
+    """Fine-tune a pre-trained ViT with a Ray Tune search over resolution and learning rate; register the
+    best trial as vit-finetuned (alias champion when it beats the current one on the same test split)."""
+    from workflows.finetune import load_config, run_finetune
+
+    settings = _load_stage_config(config, load_config)
+    try:
+        result = run_finetune(settings, parent_run_id=parent_run_id)
+    except (FileNotFoundError, ValueError) as error:
+        fail(f"{config}: {error}")
+    typer.echo(f"best trial run: {result.best_run_id}; test top-1 {result.test_top1:.4f}")
+    if result.version:
+        typer.echo(f"registered: models:/{result.registered_name}/{result.version}" + (" (champion)" if result.champion else ""))
+    typer.echo(f"trials table: {result.results_table}")
+
+
+@app.command()
+def evaluate(
+    model: str = typer.Argument(..., help="models:/vit-finetuned@champion, models:/NAME/VERSION, runs:/ID/model or a folder"),
+    dataset: Path = typer.Argument(..., help="a shard folder written by `vitflow shard`"),
+    split: str = typer.Option("test", help="the split to evaluate on"),
+    tracking_uri: str | None = typer.Option(None, help="MLflow tracking URI (default: ./mlflow.db)"),
+    experiment: str = typer.Option("vitflow", help="MLflow experiment of the evaluation run"),
+    batch_size: int = typer.Option(64, min=1),
+) -> None:
+    """Top-1, top-5, per-class accuracy and a confusion matrix on a split, plus the paper's figures of the
+    model; logged to MLflow as a child of the model's run."""
+    from pydantic import ValidationError
+
+    from workflows.evaluate import EvaluateConfig, run_evaluate
+
+    try:
+        settings = EvaluateConfig(model=model, dataset=str(dataset), split=split, batch_size=batch_size,
+                                  tracking={"uri": tracking_uri, "experiment": experiment})
+        result = run_evaluate(settings)
+    except ValidationError as error:
+        fail(str(error))
+    except (FileNotFoundError, ValueError, KeyError) as error:
+        fail(str(error))
+    typer.echo(f"{split}: top-1 {result.top1:.4f}, top-5 {result.top5:.4f} over {result.num_samples} images")
+    for name, accuracy in result.per_class_accuracy.items():
+        typer.echo(f"  {name:30s} {'-' if accuracy is None else f'{accuracy:.3f}'}")
+    typer.echo(f"MLflow run: {result.run_id}")
+
+
 @app.command()
 def pretrain(
     config: Path = typer.Argument(..., help="a YAML file with the pre-training configuration"),
@@ -88,17 +152,9 @@ def pretrain(
     """Pre-train a ViT on Ray Train from shards; log to MLflow and register it as vit-pretrained.
 
     Running again with the same `name` resumes an interrupted run from its last checkpoint."""
-    import yaml
-    from pydantic import ValidationError
-
     from workflows.pretrain import load_config, run_pretrain
 
-    if not config.is_file():
-        fail(f"{config}: no such file")
-    try:
-        settings = load_config(config)
-    except (ValidationError, yaml.YAMLError) as error:
-        fail(f"{config}: invalid configuration\n{error}")
+    settings = _load_stage_config(config, load_config)
     try:
         result = run_pretrain(settings, parent_run_id=parent_run_id)
     except (FileNotFoundError, ValueError) as error:

@@ -405,6 +405,7 @@ def _conclude(config: FinetuneSearchConfig, grid, pretrained, index, tracking_ur
     from vit.data import eval_loader
     from vit.loop import evaluate, load_checkpoint
     from workflows import tracking
+    from workflows.evaluate import log_model_figures, preprocessing_of
 
     rows = trials_table(grid)
     for row in rows:
@@ -432,7 +433,8 @@ def _conclude(config: FinetuneSearchConfig, grid, pretrained, index, tracking_ur
                                  {"vitflow.trial_id": best["trial_id"], "vitflow.search_run_id": search_run_id})
     best_run = best_run or search_run_id
     tracking.log_metrics(tracking_uri, best_run, {"test/top1": test["top1"], "test/top5": test["top5"]})
-    logged = tracking.log_vit_model(tracking_uri, best_run, model, list(index.class_names))
+    logged = tracking.log_vit_model(tracking_uri, best_run, model, list(index.class_names), preprocessing=preprocessing_of(data))
+    log_model_figures(tracking_uri, best_run, model, config.dataset, config.val_split, data)
     version, champion = None, False
     if config.register_as:
         test_key = f"{index.fingerprint}:{config.test_split}"

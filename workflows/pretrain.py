@@ -120,6 +120,7 @@ def run_pretrain(config: PretrainConfig, *, parent_run_id: str | None = None, co
     from ray.train.torch import TorchTrainer
 
     from workflows import tracking
+    from workflows.evaluate import log_model_figures, preprocessing_of
 
     index = read_dataset_index(config.dataset)
     for split in (config.train_split, config.val_split):
@@ -186,7 +187,9 @@ def run_pretrain(config: PretrainConfig, *, parent_run_id: str | None = None, co
         raise RuntimeError(f"pre-training run {config.name!r} ended without a checkpoint")
     model = _final_model(result.checkpoint)
     metrics = {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}  # the final report's
-    logged = tracking.log_vit_model(tracking_uri, run_id, model, list(index.class_names))
+    logged = tracking.log_vit_model(tracking_uri, run_id, model, list(index.class_names),
+                                    preprocessing=preprocessing_of(config.data))
+    log_model_figures(tracking_uri, run_id, model, config.dataset, config.val_split, config.data)
     version = None
     if config.register_as:
         tags = {

@@ -33,6 +33,7 @@ PARENT_RUN_TAG = "mlflow.parentRunId"  # MLflow's own nesting tag: the UI draws 
 WEIGHTS_FILE = "weights.pt"
 CONFIG_FILE = "vit_config.json"
 CLASSES_FILE = "class_names.json"
+PREPROCESSING_FILE = "preprocessing.json"  # what inputs the model expects: resolution, mean, std, crop
 
 # Bounded network behaviour: a tracking server that is down must not hang training for minutes per call.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
@@ -107,7 +108,7 @@ def finished_model(tracking_uri: str, run_id: str, registered_name: str | None) 
         if not versions:
             return None
         version = str(versions[0].version)
-    return f"runs:/{run_id}/model", version, dict(run.data.metrics)
+    return f"models:/{run.outputs.model_outputs[-1].model_id}", version, dict(run.data.metrics)
 
 
 def log_metrics(tracking_uri: str, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
@@ -133,6 +134,21 @@ def resolve_version(tracking_uri: str, model_uri: str) -> str | None:
         name, alias = name_and_ref[0].split("@", 1)
         return str(client.get_model_version_by_alias(name, alias).version)
     return name_and_ref[1] if len(name_and_ref) > 1 else None
+
+
+def source_run(tracking_uri: str, model_uri: str) -> str | None:
+    """The run that logged a model: for registered versions, aliases, runs:/ and models:/m-... URIs."""
+    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+    if model_uri.startswith("runs:/"):
+        return model_uri.removeprefix("runs:/").split("/")[0]
+    if not model_uri.startswith("models:/"):
+        return None
+    reference = model_uri.removeprefix("models:/")
+    if reference.startswith("m-"):
+        return client.get_logged_model(reference.split("/")[0]).source_run_id
+    version = resolve_version(tracking_uri, model_uri)
+    name = reference.split("@")[0].split("/")[0]
+    return client.get_model_version(name, version).run_id if version else None
 
 
 def promote_if_better(tracking_uri: str, name: str, version: str, alias: str, *, test_key: str, score: float) -> bool:
@@ -243,7 +259,7 @@ def _is_number(value) -> bool:
 
 @dataclass(frozen=True)
 class LoggedModel:
-    model_uri: str  # runs:/<run_id>/model
+    model_uri: str  # models:/m-<id>: MLflow's LoggedModel, linked to the run
     run_id: str
 
 
@@ -253,6 +269,7 @@ def log_vit_model(
     model: VisionTransformer,
     class_names: list[str],
     *,
+    preprocessing: Mapping[str, object] | None = None,
     name: str = "model",
 ) -> LoggedModel:
     """Log ``model`` to ``run_id``: an exported MLflow pytorch model with a signature and a batch-2
@@ -265,9 +282,9 @@ def log_vit_model(
     with torch.no_grad():
         signature = infer_signature(example, model(torch.from_numpy(example)).numpy())
     with tempfile.TemporaryDirectory() as tmp:
-        extra = _write_plain_model(Path(tmp), model, class_names)
+        extra = _write_plain_model(Path(tmp), model, class_names, preprocessing or {})
         with mlflow.start_run(run_id=run_id):
-            mlflow.pytorch.log_model(
+            info = mlflow.pytorch.log_model(
                 model,
                 name=name,
                 signature=signature,
@@ -275,15 +292,17 @@ def log_vit_model(
                 extra_files=[str(path) for path in extra],
                 serialization_format="pt2",  # torch.export: loading it runs no pickle
             )
-    return LoggedModel(model_uri=f"runs:/{run_id}/{name}", run_id=run_id)
+    return LoggedModel(model_uri=info.model_uri, run_id=run_id)
 
 
-def _write_plain_model(folder: Path, model: VisionTransformer, class_names: list[str]) -> list[Path]:
+def _write_plain_model(folder: Path, model: VisionTransformer, class_names: list[str],
+                       preprocessing: Mapping[str, object]) -> list[Path]:
     weights, config, classes = folder / WEIGHTS_FILE, folder / CONFIG_FILE, folder / CLASSES_FILE
+    (folder / PREPROCESSING_FILE).write_text(json.dumps(dict(preprocessing), indent=2))
     torch.save({key: value.detach().cpu() for key, value in model.state_dict().items()}, weights)
     config.write_text(json.dumps(model.config.to_dict(), indent=2))
     classes.write_text(json.dumps(list(class_names)))
-    return [weights, config, classes]
+    return [weights, config, classes, folder / PREPROCESSING_FILE]
 
 
 def register_model(tracking_uri: str, model_uri: str, name: str, tags: Mapping[str, object], run_id: str) -> str:
@@ -300,6 +319,21 @@ def register_model(tracking_uri: str, model_uri: str, name: str, tags: Mapping[s
     return str(version.version)
 
 
+def _logged_model_uri(tracking_uri: str, model_uri: str) -> str:
+    """``runs:/<id>/model`` -> the run's logged model (``models:/m-...``): since MLflow 3 a model logged
+    in a run lives outside the run's artifacts. Other URIs pass through."""
+    if not model_uri.startswith("runs:/"):
+        return model_uri
+    run_id = model_uri.removeprefix("runs:/").split("/")[0]
+    try:
+        outputs = MlflowClient(tracking_uri).get_run(run_id).outputs
+    except mlflow.exceptions.MlflowException:
+        return model_uri
+    if outputs and outputs.model_outputs:
+        return f"models:/{outputs.model_outputs[-1].model_id}"
+    return model_uri
+
+
 @dataclass(frozen=True)
 class PlainModel:
     """What fine-tuning and evaluation need from a logged ViT: no pickle, no exported graph."""
@@ -308,6 +342,7 @@ class PlainModel:
     state_dict: dict[str, torch.Tensor]
     class_names: list[str]
     source_uri: str
+    preprocessing: dict  # mean, std, crop_pct the model was trained with ({} when unknown)
 
 
 def load_plain_model(tracking_uri: str, model_uri: str) -> PlainModel:
@@ -318,7 +353,7 @@ def load_plain_model(tracking_uri: str, model_uri: str) -> PlainModel:
     local = Path(model_uri)
     if not local.exists():
         try:
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri))
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=_logged_model_uri(tracking_uri, model_uri)))
         except mlflow.exceptions.MlflowException as error:
             raise ValueError(f"model {model_uri!r} cannot be resolved: {error.message}") from None
     folder = local / "extra_files" if (local / "extra_files").is_dir() else local
@@ -328,4 +363,6 @@ def load_plain_model(tracking_uri: str, model_uri: str) -> PlainModel:
     config = ViTConfig.from_dict(json.loads((folder / CONFIG_FILE).read_text()))
     state_dict = torch.load(folder / WEIGHTS_FILE, map_location="cpu", weights_only=True)
     class_names = json.loads((folder / CLASSES_FILE).read_text())
-    return PlainModel(config=config, state_dict=state_dict, class_names=class_names, source_uri=model_uri)
+    preprocessing = json.loads((folder / PREPROCESSING_FILE).read_text()) if (folder / PREPROCESSING_FILE).is_file() else {}
+    return PlainModel(config=config, state_dict=state_dict, class_names=class_names, source_uri=model_uri,
+                      preprocessing=preprocessing)

@@ -1,0 +1,119 @@
+"""The evaluation stage (``vitflow evaluate MODEL_URI DATASET``) and the ViT figures every logged model gets.
+
+Evaluation logs a child run of the model's own run: top-1, top-5, per-class accuracy, the confusion
+matrix (PNG and Parquet table) and the paper's Figure 6/7 views of the model (``vit.figures``).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from vit.data import IMAGENET_MEAN, IMAGENET_STD, DataConfig, eval_loader, read_dataset_index
+from workflows.pretrain import STAGE_TAG, Tracking
+
+
+class EvaluateConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field(..., description="models:/vit-finetuned@champion, models:/name/3, runs:/<id>/model or a folder")
+    dataset: str = Field(..., description="a shard folder (dataset.json)")
+    split: str = "test"
+    batch_size: int = Field(64, ge=1)
+    figure_images: int = Field(8, ge=1, description="test images shown in the attention-rollout figure")
+    tracking: Tracking = Tracking()
+
+
+@dataclass(frozen=True)
+class EvaluateResult:
+    run_id: str
+    top1: float
+    top5: float
+    per_class_accuracy: dict[str, float | None]
+    num_samples: int
+
+
+def model_data_config(preprocessing: dict, image_size: int, batch_size: int) -> DataConfig:
+    """Evaluation inputs as the model was trained: its resolution, normalisation and centre crop."""
+    return DataConfig(
+        batch_size=batch_size, num_workers=0, image_size=image_size,
+        mean=tuple(preprocessing.get("mean", IMAGENET_MEAN)), std=tuple(preprocessing.get("std", IMAGENET_STD)),
+        crop_pct=preprocessing.get("crop_pct", 0.875),
+    )
+
+
+def preprocessing_of(data: DataConfig) -> dict:
+    return {"image_size": data.image_size, "mean": list(data.mean), "std": list(data.std), "crop_pct": data.crop_pct}
+
+
+def log_model_figures(tracking_uri: str, run_id: str, model, dataset: str, split: str, data: DataConfig,
+                      num_images: int = 8) -> list[str]:
+    """The paper's Figure 7 (patch-embedding PCs, position-embedding similarity, attention distance) and
+    Figure 6 (attention rollout over a few images of ``split``) as PNG artifacts under ``figures/``."""
+    from vit.figures import write_vit_figures
+    from workflows import tracking
+
+    loader = eval_loader(dataset, DataConfig.from_dict({**data.to_dict(), "batch_size": num_images, "num_workers": 0}),
+                         rank=0, world_size=1, split=split)
+    images = next(iter(loader))[0]  # (n, C, H, W), normalised
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = write_vit_figures(model.eval(), images, tmp, mean=data.mean, std=data.std, rollout_images=num_images)
+        tracking.log_artifacts(tracking_uri, run_id, list(paths.values()), "figures")
+    return [f"figures/{path.name}" for path in paths.values()]
+
+
+def check_class_map(model_classes: list[str], dataset_classes: tuple[str, ...], model_uri: str, dataset: str) -> None:
+    if list(model_classes) != list(dataset_classes):
+        raise ValueError(
+            f"model {model_uri} predicts {len(model_classes)} classes {list(model_classes)[:5]}..., but dataset "
+            f"{dataset} has {len(dataset_classes)} classes {list(dataset_classes)[:5]}...: the class maps differ"
+        )
+
+
+def run_evaluate(config: EvaluateConfig, *, parent_run_id: str | None = None) -> EvaluateResult:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from vit import VisionTransformer
+    from vit.evaluation import classification_metrics, confusion_matrix_figure, predict
+    from workflows import tracking
+
+    uri = config.tracking.uri or tracking.default_tracking_uri()
+    plain = tracking.load_plain_model(uri, config.model)
+    index = read_dataset_index(config.dataset)
+    index.split(config.split)
+    check_class_map(plain.class_names, index.class_names, config.model, config.dataset)
+    model = VisionTransformer(plain.config)
+    model.load_state_dict(plain.state_dict)
+    data = model_data_config(plain.preprocessing, plain.config.image_size[0], config.batch_size)
+    logits, labels = predict(model, eval_loader(config.dataset, data, rank=0, world_size=1, split=config.split))
+    metrics = classification_metrics(logits, labels, list(index.class_names))
+
+    parent = parent_run_id or tracking.source_run(uri, config.model)
+    experiment = config.tracking.experiment
+    run_id = tracking.start_run(uri, experiment, f"evaluate-{config.split}", parent_run_id=parent,
+                                tags={STAGE_TAG: "evaluate", "vitflow.model": config.model,
+                                      "vitflow.dataset_fingerprint": index.fingerprint, "vitflow.split": config.split})
+    tracking.log_params(uri, run_id, {"model": config.model, "dataset": config.dataset, "split": config.split})
+    per_class = {name: (None if value != value else float(value))
+                 for name, value in zip(index.class_names, metrics.per_class_accuracy.tolist())}
+    tracking.log_metrics(uri, run_id, {
+        f"{config.split}/top1": metrics.top1, f"{config.split}/top5": metrics.top5,
+        f"{config.split}/num_samples": metrics.num_samples,
+        **{f"{config.split}/class_accuracy/{name}": value for name, value in per_class.items() if value is not None},
+    })
+    with tempfile.TemporaryDirectory() as tmp:
+        png = confusion_matrix_figure(metrics.confusion_matrix, list(index.class_names), Path(tmp) / "confusion_matrix.png")
+        table = Path(tmp) / "confusion_matrix.parquet"
+        confusion = metrics.confusion_matrix.tolist()
+        pq.write_table(pa.table({"true_class": list(index.class_names),
+                                 **{predicted: [row[j] for row in confusion] for j, predicted in enumerate(index.class_names)},
+                                 "accuracy": [per_class[name] for name in index.class_names]}), table)
+        tracking.log_artifacts(uri, run_id, [png, table], "evaluation")
+    log_model_figures(uri, run_id, model, config.dataset, config.split, data, config.figure_images)
+    tracking.end_run(uri, run_id)
+    return EvaluateResult(run_id=run_id, top1=metrics.top1, top5=metrics.top5, per_class_accuracy=per_class,
+                          num_samples=metrics.num_samples)
