@@ -96,6 +96,51 @@ def _load_stage_config(path: Path, loader):
 
 
 @app.command()
+def validate(spec: Path = typer.Argument(..., help="a workflow spec (YAML)")) -> None:
+    """Check a workflow spec without running it: unknown keys, wrong types, impossible values."""
+    from workflows.spec import SpecError, load_spec
+
+    try:
+        loaded, _ = load_spec(spec)
+    except SpecError as error:
+        fail(str(error))
+    stages = [f"preprocess:{name}" for name in loaded.preprocess] + [
+        s for s in ("pretrain", "finetune", "evaluate") if getattr(loaded, s) is not None]
+    typer.echo(f"{spec}: valid workflow {loaded.name!r} with stages {', '.join(stages)}")
+
+
+@app.command()
+def run(
+    spec: Path = typer.Argument(..., help="a workflow spec (YAML), e.g. workflows/quickstart.yaml"),
+    force: list[str] = typer.Option([], "--force", help="rerun this stage even when cached (repeatable)"),
+    from_stage: str | None = typer.Option(None, "--from", help="rerun this stage and every stage after it"),
+) -> None:
+    """Run a workflow: shard, pre-train, fine-tune and evaluate, on Ray, tracked in MLflow.
+
+    Finished stages whose configuration, inputs and code are unchanged are reused; a killed workflow
+    run again continues where it stopped."""
+    from workflows.runner import LiveView, WorkflowRunner
+    from workflows.spec import SpecError, load_spec
+
+    try:
+        loaded, _ = load_spec(spec)
+        runner = WorkflowRunner(loaded, force=set(force), from_stage=from_stage)
+    except (SpecError, ValueError) as error:
+        fail(str(error))
+    with LiveView(runner) as view:
+        runner.on_event = view.event
+        try:
+            results = runner.run(spec_text=spec.read_text())
+        except (FileNotFoundError, ValueError) as error:
+            fail(f"{spec}: {error}", code=1)
+    for name, result in results.items():
+        shown = result.model_uri or result.dataset_uri or ""
+        metrics = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items() if "top1" in k)
+        typer.echo(f"{name:22s} {'reused' if result.reused else 'ran':7s} {shown} {metrics}")
+    typer.echo(f"browse the runs and models: vitflow ui {spec}   (then open http://127.0.0.1:5000)")
+
+
+@app.command()
 def finetune(
     config: Path = typer.Argument(..., help="a YAML file with the fine-tuning search configuration"),
     parent_run_id: str | None = typer.Option(None, help="nest the search's MLflow run under this run"),
@@ -260,6 +305,7 @@ def logs(
 
 @app.command()
 def ui(
+    spec: Path | None = typer.Argument(None, help="a workflow spec: its MLflow store is opened"),
     tracking_uri: str = typer.Option(None, "--tracking-uri", help="sqlite:///PATH/mlflow.db (default: ./mlflow.db)"),
     artifacts: Path = typer.Option(None, help="the artifact folder (default: mlartifacts next to mlflow.db)"),
     host: str = typer.Option("127.0.0.1", help="bind address; keep localhost and tunnel (ssh -L) to share it"),
@@ -270,6 +316,16 @@ def ui(
 
     from workflows import ui as mlflow_ui
 
+    if spec is not None and tracking_uri is None:
+        from workflows.spec import SpecError, load_spec
+
+        try:
+            loaded, _ = load_spec(spec)
+        except SpecError as error:
+            fail(str(error))
+        tracking_uri = loaded.tracking.uri or f"sqlite:///{Path(loaded.workdir) / 'mlflow.db'}"
+        if not tracking_uri.startswith("sqlite:///"):
+            fail(f"{spec}: its tracking URI {tracking_uri} is a server already; open it in a browser")
     uri = tracking_uri or f"sqlite:///{Path('mlflow.db').resolve()}"  # tracking.default_tracking_uri(), without torch
     try:
         database = mlflow_ui.sqlite_path(uri)

@@ -83,14 +83,11 @@ class SearchConfig(BaseModel):
         return choices
 
 
-class FinetuneSearchConfig(BaseModel):
-    """``vitflow finetune CONFIG``: the search, validated before anything starts."""
+class FinetuneSettings(BaseModel):
+    """What the search does: recipe, data, schedule, search space and resources (the spec's section)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-    pretrained: str = Field(..., description="models:/vit-pretrained/3, models:/vit-pretrained@alias, runs:/<id>/model or a folder")
-    dataset: str = Field(..., description="the downstream shard folder")
     train_split: str = "train"
     val_split: str = "val"
     test_split: str = "test"
@@ -99,19 +96,27 @@ class FinetuneSearchConfig(BaseModel):
     train: TrainConfig
     search: SearchConfig
     resources: Resources = Resources()
-    storage_path: str = "vitflow-runs"
-    tracking: Tracking = Tracking()
     register_as: str | None = "vit-finetuned"
     champion_alias: str = "champion"
 
     @model_validator(mode="after")
-    def _consistent(self) -> FinetuneSearchConfig:
+    def _consistent(self):
         if self.search.scheduler and self.search.scheduler.grace_period > self.train.total_steps:
             raise ValueError(f"search.scheduler.grace_period {self.search.scheduler.grace_period} exceeds "
                              f"train.total_steps {self.train.total_steps}")
         if not self.train.eval_every:
             raise ValueError("train.eval_every must be set: the search compares trials on validation top-1")
         return self
+
+
+class FinetuneSearchConfig(FinetuneSettings):
+    """``vitflow finetune CONFIG``: the search, validated before anything starts."""
+
+    name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    pretrained: str = Field(..., description="models:/vit-pretrained/3, models:/vit-pretrained@alias, runs:/<id>/model or a folder")
+    dataset: str = Field(..., description="the downstream shard folder")
+    storage_path: str = "vitflow-runs"
+    tracking: Tracking = Tracking()
 
 
 @dataclass(frozen=True)

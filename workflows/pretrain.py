@@ -64,35 +64,40 @@ class Tracking(BaseModel):
     experiment: str = "vitflow"
 
 
-class PretrainConfig(BaseModel):
-    """``vitflow pretrain CONFIG``: one pre-training run, validated before anything starts."""
+class PretrainSettings(BaseModel):
+    """What pre-training does: the model, data, schedule and resources (the workflow spec's section)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
-                      description="deterministic run name: running again with it resumes")
-    dataset: str = Field(..., description="a shard folder written by `vitflow shard` (holds dataset.json)")
     train_split: str = "train"
     val_split: str = "val"
     model: ModelSpec = ModelSpec()
     data: DataConfig = DataConfig()
     train: TrainConfig
     resources: Resources = Resources()
-    storage_path: str = "vitflow-runs"
     max_failures: int = Field(3, ge=0, description="worker-group restarts before the run fails")
     checkpoints_to_keep: int = Field(2, ge=1)
-    tracking: Tracking = Tracking()
     register_as: str | None = "vit-pretrained"
     fail_at_step: int | None = Field(None, ge=1, description="fault drill: rank 0 raises once at this step")
 
     @model_validator(mode="after")
-    def _consistent(self) -> PretrainConfig:
+    def _consistent(self):
         size = self.model.build(num_classes=1).image_size
         if size[0] != size[1]:
             raise ValueError(f"model.image_size {size} must be square for the shard loader's crops")
         if self.data.image_size != size[0]:
             object.__setattr__(self, "data", DataConfig.from_dict({**self.data.to_dict(), "image_size": size[0]}))
         return self
+
+
+class PretrainConfig(PretrainSettings):
+    """``vitflow pretrain CONFIG``: one pre-training run, validated before anything starts."""
+
+    name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+                      description="deterministic run name: running again with it resumes")
+    dataset: str = Field(..., description="a shard folder written by `vitflow shard` (holds dataset.json)")
+    storage_path: str = "vitflow-runs"
+    tracking: Tracking = Tracking()
 
 
 @dataclass(frozen=True)

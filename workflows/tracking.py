@@ -175,6 +175,64 @@ def promote_if_better(tracking_uri: str, name: str, version: str, alias: str, *,
     return True
 
 
+def set_tags(tracking_uri: str, run_id: str, tags: Mapping[str, object]) -> None:
+    client = MlflowClient(tracking_uri)
+    for key, value in tags.items():
+        client.set_tag(run_id, key, str(value))
+
+
+def log_text(tracking_uri: str, run_id: str, text: str, artifact_file: str) -> None:
+    MlflowClient(tracking_uri).log_text(run_id, text, artifact_file)
+
+
+def runs_with_tags(tracking_uri: str, experiment: str, tags: Mapping[str, str], status: str | None = None) -> list:
+    """Runs of ``experiment`` carrying all ``tags`` (newest first), optionally only in ``status``."""
+    client = MlflowClient(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    query = " and ".join(f"tags.`{key}` = '{value}'" for key, value in tags.items())
+    if status:
+        query += f" and attributes.status = '{status}'"
+    return client.search_runs([found.experiment_id], filter_string=query, order_by=["attributes.start_time DESC"])
+
+
+def model_exists(tracking_uri: str, model_uri: str) -> bool:
+    """Whether a registered version (``models:/NAME/VERSION``) or a logged model still exists."""
+    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+    reference = model_uri.removeprefix("models:/")
+    try:
+        if reference.startswith("m-"):
+            client.get_logged_model(reference.split("/")[0])
+        else:
+            name, version = reference.split("/")[:2]
+            client.get_model_version(name, version)
+    except (mlflow.exceptions.MlflowException, ValueError):
+        return False
+    return True
+
+
+def run_url(tracking_uri: str, experiment: str, run_id: str) -> str:
+    """Where a person sees the run: the tracking server's UI, or the one `vitflow ui` starts."""
+    base = tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    found = MlflowClient(tracking_uri).get_experiment_by_name(experiment)
+    experiment_id = found.experiment_id if found else "0"
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def latest_step(tracking_uri: str, experiment: str, stage: str, parent_run_id: str) -> str:
+    """'step N, loss L' of the newest training run of ``stage`` under ``parent_run_id`` (for live views)."""
+    runs = runs_with_tags(tracking_uri, experiment, {"vitflow.stage": stage, PARENT_RUN_TAG: parent_run_id})
+    if not runs:
+        return ""
+    metrics = runs[0].data.metrics
+    if "train/loss" not in metrics:
+        return "starting"
+    history = MlflowClient(tracking_uri).get_metric_history(runs[0].info.run_id, "train/loss")
+    last = max(history, key=lambda m: m.step)
+    return f"step {last.step}, loss {last.value:.3f}"
+
+
 def end_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:
     MlflowClient(tracking_uri).set_terminated(run_id, status=status)
 

@@ -1,0 +1,411 @@
+"""Runs a workflow spec: stages in dependency order on Ray, cached by fingerprint, resumable, tracked.
+
+    preprocess:<corpus> (parallel Ray tasks) -> pretrain (Ray Train) -> finetune (Ray Tune) -> evaluate
+
+- Every execution is one MLflow parent run; each stage is a nested run tagged with its fingerprint.
+- A stage's fingerprint hashes its configuration, its inputs' fingerprints (corpus listing, dataset
+  fingerprint, model version) and the code version. A finished stage run with the same fingerprint and a
+  still-valid output (shards that verify, a registered model version that exists) is reused, and the
+  terminal and the parent run say so. ``force`` reruns named stages; ``from_stage`` reruns it and all after.
+- Resume: stage runs have deterministic names derived from their fingerprints, so running a killed
+  workflow again reuses its finished stages, resumes pre-training from its last checkpoint (Ray Train
+  snapshot) and the search from its Tune state, and registers no model twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from workflows.spec import WorkflowSpec
+
+STAGE_ORDER = ("preprocess", "pretrain", "finetune", "evaluate")
+FINGERPRINT_TAG = "vitflow.stage_fingerprint"
+RESULT_TAG = "vitflow.result"
+WORKFLOW_TAG = "vitflow.workflow"
+
+
+@dataclass(frozen=True)
+class StageResult:
+    """What a stage hands the next ones: small, typed, JSON-able."""
+
+    stage: str  # "preprocess:cifar10", "pretrain", "finetune", "evaluate"
+    run_id: str
+    fingerprint: str
+    reused: bool = False
+    dataset_uri: str | None = None
+    dataset_fingerprint: str | None = None
+    model_uri: str | None = None  # models:/NAME/VERSION when registered
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data.pop("reused")
+        return json.dumps(data, sort_keys=True)
+
+
+def code_version() -> str:
+    """vitflow's version plus the git commit of the checkout it runs from (when it is one)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        package = version("vitflow")
+    except PackageNotFoundError:
+        package = "unknown"
+    repo = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                                text=True, timeout=5, check=True).stdout.strip()
+        return f"{package}+g{commit}"
+    except (OSError, subprocess.SubprocessError):
+        return package
+
+
+def fingerprint(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def corpus_fingerprint(source: str) -> str:
+    """A cheap identity of a local corpus: every file's relative path, size and modification time."""
+    path = Path(source)
+    if "://" in source or not path.exists():
+        return fingerprint(source)
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    digest = hashlib.sha256()
+    for file in files:
+        stat = file.stat()
+        digest.update(f"{file.relative_to(path) if file != path else file.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+class WorkflowRunner:
+    def __init__(self, spec: WorkflowSpec, *, force: set[str] | None = None, from_stage: str | None = None,
+                 on_event: Callable[[str, str, str], None] | None = None):
+        self.spec = spec
+        self.workdir = Path(spec.workdir)
+        self.stages = self._stage_names()
+        unknown = sorted((force or set()) - set(self.stages) - {"preprocess"})
+        if unknown or (from_stage and from_stage not in self.stages and from_stage != "preprocess"):
+            raise ValueError(f"unknown stage {', '.join(unknown) or from_stage}; this workflow has: {', '.join(self.stages)}")
+        self.force = set(force or ())
+        if "preprocess" in self.force:
+            self.force |= {s for s in self.stages if s.startswith("preprocess:")}
+        if from_stage:
+            start = next(i for i, s in enumerate(self.stages) if s == from_stage or s.startswith(f"{from_stage}:"))
+            self.force |= set(self.stages[start:])
+        self.on_event = on_event or (lambda stage, status, detail: None)
+        # On a cluster (cluster.yaml) the environment names the shared tracking server and storage.
+        self.tracking_uri = (spec.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
+                             or f"sqlite:///{self.workdir / 'mlflow.db'}")
+        self.storage_path = spec.storage_path or os.environ.get("VITFLOW_STORAGE") or str(self.workdir / "runs")
+        self.code = code_version()
+        self.results: dict[str, StageResult] = {}
+
+    def _stage_names(self) -> list[str]:
+        names = [f"preprocess:{name}" for name in self.spec.preprocess]
+        return names + [s for s in STAGE_ORDER[1:] if getattr(self.spec, s) is not None]
+
+    # --- the whole run ---------------------------------------------------------------------------
+
+    def run(self, spec_text: str = "") -> dict[str, StageResult]:
+        import ray
+
+        from workflows import tracking
+        from workflows.finetune import TRIAL_DRIVER_RESOURCE
+
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        experiment = self.spec.tracking.experiment
+        tracking.ensure_experiment(experiment, self.tracking_uri)
+        self.parent = tracking.start_run(self.tracking_uri, experiment, self.spec.name,
+                                         tags={WORKFLOW_TAG: self.spec.name, "vitflow.code_version": self.code})
+        self.on_event("workflow", "running", self.run_link(self.parent))
+        tracking.log_text(self.tracking_uri, self.parent, spec_text, "spec.yaml")
+        tracking.log_text(self.tracking_uri, self.parent, self.spec.model_dump_json(indent=2), "resolved_spec.json")
+        tracking.log_params(self.tracking_uri, self.parent, {"workflow": self.spec.name, "code_version": self.code,
+                                                             "stages": ",".join(self.stages)})
+        started_here = not ray.is_initialized()
+        if started_here:
+            # A loaded machine can take longer than Ray Train's 60 s default to start a worker group.
+            os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
+            if self.spec.ray.address:
+                ray.init(address=self.spec.ray.address, logging_level="WARNING")
+            else:
+                concurrency = self.spec.finetune.search.max_concurrent_trials if self.spec.finetune else 1
+                ray.init(num_cpus=self.spec.ray.num_cpus, resources={TRIAL_DRIVER_RESOURCE: concurrency},
+                         include_dashboard=False, logging_level="WARNING")
+        status = "FAILED"
+        try:
+            self._preprocess_all()
+            for stage in ("pretrain", "finetune", "evaluate"):
+                if getattr(self.spec, stage) is not None:
+                    self._run_stage(stage)
+            status = "FINISHED"
+        finally:
+            tracking.set_tags(self.tracking_uri, self.parent, {
+                f"vitflow.reused.{r.stage}": r.run_id for r in self.results.values() if r.reused})
+            tracking.end_run(self.tracking_uri, self.parent, status=status)
+            if started_here:
+                ray.shutdown()
+            self.on_event("workflow", status.lower(), self.run_link(self.parent))
+        return self.results
+
+    def run_link(self, run_id: str) -> str:
+        from workflows import tracking
+
+        return tracking.run_url(self.tracking_uri, self.spec.tracking.experiment, run_id)
+
+    # --- caching ---------------------------------------------------------------------------------
+
+    def _cached(self, stage: str, stage_fingerprint: str) -> StageResult | None:
+        from workflows import tracking
+
+        if stage in self.force:
+            return None
+        for run in tracking.runs_with_tags(self.tracking_uri, self.spec.tracking.experiment,
+                                           {FINGERPRINT_TAG: stage_fingerprint}, status="FINISHED"):
+            stored = run.data.tags.get(RESULT_TAG)
+            if not stored:
+                continue
+            result = StageResult(**json.loads(stored), reused=True)
+            if self._still_valid(result):
+                return result
+        return None
+
+    def _still_valid(self, result: StageResult) -> bool:
+        from workflows import tracking
+
+        if result.dataset_uri and not result.model_uri:
+            from pipeline import verify_shards
+
+            try:
+                return verify_shards(result.dataset_uri).ok
+            except (OSError, ValueError):
+                return False
+        if result.model_uri:
+            return tracking.model_exists(self.tracking_uri, result.model_uri)
+        return True
+
+    def _finish(self, stage: str, stage_fingerprint: str, result: StageResult) -> StageResult:
+        from workflows import tracking
+
+        tracking.set_tags(self.tracking_uri, result.run_id, {FINGERPRINT_TAG: stage_fingerprint, RESULT_TAG: result.to_json(),
+                                                             "vitflow.stage_name": stage, "vitflow.code_version": self.code})
+        self.results[stage] = result
+        self.on_event(stage, "finished", self.run_link(result.run_id))
+        return result
+
+    def _name(self, stage: str, stage_fingerprint: str) -> str:
+        """Deterministic per fingerprint (so a rerun resumes); a forced rerun gets the next free suffix."""
+        from workflows import tracking
+
+        name = f"{self.spec.name}-{stage}-{stage_fingerprint[:10]}"
+        if stage in self.force:
+            taken = tracking.runs_with_tags(self.tracking_uri, self.spec.tracking.experiment, {FINGERPRINT_TAG: stage_fingerprint})
+            name += f"-r{len(taken)}" if taken else ""
+        return name
+
+    # --- stages ----------------------------------------------------------------------------------
+
+    def _preprocess_all(self) -> None:
+        import ray
+
+        pending = {}
+        for name, stage in self.spec.preprocess.items():
+            key = f"preprocess:{name}"
+            out = stage.out or str(self.workdir / "data" / name)
+            stage_fp = fingerprint(key, stage.source, stage.config.model_dump(mode="json"), out,
+                                   corpus_fingerprint(stage.source), self.code)
+            cached = self._cached(key, stage_fp)
+            if cached is not None:
+                self.results[key] = cached
+                self.on_event(key, "reused", self.run_link(cached.run_id))
+                continue
+            run_id = self._stage_run(key, stage_fp, {"source": stage.source, "out": out, "config": stage.config.model_dump(mode="json")})
+            self.on_event(key, "running", self.run_link(run_id))
+            # Independent corpora shard in parallel: each stage is a Ray task fanning out shard tasks.
+            task = ray.remote(num_cpus=0)(preprocess_task).remote(stage.source, out, stage.config.model_dump(mode="json"), stage.workers)
+            pending[task] = (key, stage_fp, run_id)
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            key, stage_fp, run_id = pending.pop(done[0])
+            try:
+                summary = ray.get(done[0])
+            except Exception:
+                from workflows import tracking
+
+                tracking.end_run(self.tracking_uri, run_id, status="FAILED")
+                self.on_event(key, "failed", self.run_link(run_id))
+                raise
+            self._log_preprocess(run_id, summary)
+            self._finish(key, stage_fp, StageResult(stage=key, run_id=run_id, fingerprint=stage_fp,
+                                                    dataset_uri=summary["out"], dataset_fingerprint=summary["fingerprint"]))
+
+    def _stage_run(self, stage: str, stage_fp: str, params: dict) -> str:
+        from workflows import tracking
+
+        run_id = tracking.start_run(self.tracking_uri, self.spec.tracking.experiment, f"{self.spec.name}-{stage}",
+                                    parent_run_id=self.parent, tags={"vitflow.stage": stage.split(":")[0],
+                                                                     "vitflow.stage_name": stage})
+        tracking.log_params(self.tracking_uri, run_id, params)
+        return run_id
+
+    def _log_preprocess(self, run_id: str, summary: dict) -> None:
+        from workflows import tracking
+
+        tracking.log_metrics(self.tracking_uri, run_id, {
+            "inputs": summary["num_inputs"], "sharded": summary["num_sharded"], "quarantined": summary["num_quarantined"],
+            "images_per_sec": summary["images_per_second"], "shards_built": summary["built"], "shards_reused": summary["reused"]})
+        tracking.set_tags(self.tracking_uri, run_id, {"vitflow.dataset_fingerprint": summary["fingerprint"]})
+        tracking.log_dataset(self.tracking_uri, run_id, summary["out"], name=Path(summary["out"]).name,
+                             digest=summary["fingerprint"], context="shards")
+        tracking.log_artifacts(self.tracking_uri, run_id, [Path(summary["out"]) / "dataset.json"], "dataset")
+        tracking.end_run(self.tracking_uri, run_id)
+
+    def _run_stage(self, stage: str) -> StageResult:
+        section = getattr(self.spec, stage)
+        dataset = self.results[f"preprocess:{section.dataset}"]
+        inputs: list[Any] = [dataset.dataset_fingerprint]
+        if stage == "finetune":
+            inputs.append(section.pretrained or self.results["pretrain"].model_uri)
+        if stage == "evaluate":
+            inputs.append(section.model or self.results["finetune"].model_uri)
+        stage_fp = fingerprint(stage, section.model_dump(mode="json"), inputs, self.code)
+        cached = self._cached(stage, stage_fp)
+        if cached is not None:
+            self.results[stage] = cached
+            self.on_event(stage, "reused", self.run_link(cached.run_id))
+            return cached
+        self.on_event(stage, "running", "")
+        name = self._name(stage, stage_fp)
+        common = {"tracking": {"uri": self.tracking_uri, "experiment": self.spec.tracking.experiment}}
+        fields = section.model_dump(exclude={"dataset", "pretrained"} if stage == "finetune" else {"dataset"})
+        try:
+            result = getattr(self, f"_{stage}")(name, fields, dataset, common, inputs, stage_fp)
+        except Exception:
+            self.on_event(stage, "failed", "")
+            raise
+        return self._finish(stage, stage_fp, result)
+
+    def _pretrain(self, name, fields, dataset, common, inputs, stage_fp) -> StageResult:
+        from workflows.pretrain import PretrainConfig, run_pretrain
+
+        config = PretrainConfig.model_validate({**fields, **common, "name": name, "dataset": dataset.dataset_uri,
+                                                "storage_path": self.storage_path})
+        result = run_pretrain(config, parent_run_id=self.parent)
+        model_uri = f"models:/{result.registered_name}/{result.version}" if result.version else result.model_uri
+        return StageResult(stage="pretrain", run_id=result.run_id, fingerprint=stage_fp, model_uri=model_uri,
+                           dataset_fingerprint=dataset.dataset_fingerprint, metrics=_numbers(result.metrics))
+
+    def _finetune(self, name, fields, dataset, common, inputs, stage_fp) -> StageResult:
+        from workflows.finetune import FinetuneSearchConfig, run_finetune
+
+        config = FinetuneSearchConfig.model_validate({**fields, **common, "name": name, "dataset": dataset.dataset_uri,
+                                                      "pretrained": inputs[1], "storage_path": self.storage_path})
+        result = run_finetune(config, parent_run_id=self.parent)
+        model_uri = f"models:/{result.registered_name}/{result.version}" if result.version else result.model_uri
+        return StageResult(stage="finetune", run_id=result.search_run_id, fingerprint=stage_fp, model_uri=model_uri,
+                           dataset_fingerprint=dataset.dataset_fingerprint, metrics={"test/top1": result.test_top1})
+
+    def _evaluate(self, name, fields, dataset, common, inputs, stage_fp) -> StageResult:
+        from workflows.evaluate import EvaluateConfig, run_evaluate
+
+        config = EvaluateConfig(model=inputs[1], dataset=dataset.dataset_uri, split=fields["split"],
+                                batch_size=fields["batch_size"], **common)
+        result = run_evaluate(config, parent_run_id=self.parent)
+        return StageResult(stage="evaluate", run_id=result.run_id, fingerprint=stage_fp,
+                           dataset_fingerprint=dataset.dataset_fingerprint,
+                           metrics={f"{config.split}/top1": result.top1, f"{config.split}/top5": result.top5})
+
+
+def preprocess_task(source: str, out: str, config: dict, workers: int | None) -> dict:
+    """A preprocess stage as a Ray task: shards the corpus (its own shard tasks on the same Ray)."""
+    from pipeline import ShardConfig, write_shards
+
+    result = write_shards(source, out, ShardConfig.model_validate(config), workers=workers, progress=False)
+    return {"out": out, "fingerprint": result.info.fingerprint, "num_inputs": result.num_inputs,
+            "num_sharded": result.num_sharded, "num_quarantined": result.num_quarantined,
+            "images_per_second": result.images_per_second, "built": len(result.built), "reused": len(result.reused)}
+
+
+def _numbers(metrics: dict) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+class LiveView:
+    """The terminal view of a running workflow: each stage's state, what it is doing, and its MLflow link."""
+
+    def __init__(self, runner: WorkflowRunner, console=None):
+        from rich.console import Console
+
+        self.runner = runner
+        self.console = console or Console()
+        self.rows: dict[str, list[str]] = {stage: ["waiting", "", ""] for stage in runner.stages}
+        self.started: dict[str, float] = {}
+        self.live = None
+        self.stop = threading.Event()
+
+    def event(self, stage: str, status: str, link: str) -> None:
+        if stage == "workflow":
+            self.console.print(f"[bold]workflow {self.runner.spec.name}[/bold] {status}: {link}")
+            return
+        row = self.rows.setdefault(stage, ["", "", ""])
+        row[0], row[2] = status, link or row[2]
+        if status == "running":
+            self.started[stage] = time.monotonic()
+        if status == "reused":
+            row[1] = "cached: same fingerprint, output verified"
+            self.console.print(f"{stage}: reused (unchanged configuration, inputs and code) {link}")
+        elif status in ("finished", "failed"):
+            elapsed = time.monotonic() - self.started.get(stage, time.monotonic())
+            row[1] = f"{elapsed:.0f} s"
+        self.refresh()
+
+    def table(self):
+        from rich.table import Table
+
+        table = Table(title=f"workflow {self.runner.spec.name}", expand=False)
+        for column in ("stage", "status", "progress", "MLflow run"):
+            table.add_column(column)
+        for stage, (status, detail, link) in self.rows.items():
+            if status == "running" and stage in self.started:
+                detail = f"{time.monotonic() - self.started[stage]:.0f} s" + (f", {detail}" if detail else "")
+            table.add_row(stage, status, detail, link)
+        return table
+
+    def refresh(self) -> None:
+        if self.live is not None:
+            self.live.update(self.table())
+
+    def poll_progress(self) -> None:
+        """While a training stage runs, show its latest step from MLflow."""
+        from workflows import tracking
+
+        while not self.stop.wait(3.0):
+            for stage in ("pretrain", "finetune"):
+                if self.rows.get(stage, [""])[0] == "running":
+                    step = tracking.latest_step(self.runner.tracking_uri, self.runner.spec.tracking.experiment, stage,
+                                                self.runner.parent)
+                    if step:
+                        self.rows[stage][1] = step
+            self.refresh()
+
+    def __enter__(self) -> LiveView:
+        from rich.live import Live
+
+        self.live = Live(self.table(), console=self.console, refresh_per_second=1, transient=False)
+        self.live.__enter__()
+        threading.Thread(target=self.poll_progress, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.live.update(self.table())
+        self.live.__exit__(*exc)

@@ -1,0 +1,177 @@
+"""The workflow spec: one YAML file describing a whole run, validated before any work starts.
+
+    name: quickstart
+    tracking: {uri: null, experiment: quickstart}    # default: SQLite + artifacts under the workdir
+    ray: {address: null}                               # default: start a local Ray
+    preprocess:                                        # one stage per corpus; they run in parallel
+      cifar10: {source: ../../shared/datasets/cifar10}
+      flowers17: {source: ../../shared/datasets/flowers17, config: {max_size: 64, val_fraction: 0.1}}
+    pretrain: {dataset: cifar10, model: {...}, train: {...}}
+    finetune: {dataset: flowers17, train: {...}, search: {...}}  # `pretrained: models:/...` without pretrain
+    evaluate: {dataset: flowers17, split: test}
+
+Relative paths resolve against the spec file's folder. Errors name the file, the key path and the reason.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pipeline.config import ShardConfig
+from workflows.finetune import FinetuneSettings
+from workflows.pretrain import PretrainSettings, Tracking
+
+MODEL_URI = re.compile(r"^(models:/[^/@\s]+(/\d+|@[A-Za-z0-9_-]+)|models:/m-[0-9a-f]+|runs:/[0-9a-f]+/\S+)$")
+
+
+class SpecError(ValueError):
+    """A workflow spec that cannot run; the message names the file, the key path and the reason."""
+
+
+class RayConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    address: str | None = Field(None, description="a running cluster ('auto', ray://..., host:port); default: start a local Ray")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of the local Ray (default: all)")
+
+
+class PreprocessStage(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source: str = Field(..., description="an image folder, Parquet files or a manifest table (path or URI)")
+    out: str | None = Field(None, description="shard folder (default: <workdir>/data/<stage name>)")
+    config: ShardConfig = ShardConfig()
+    workers: int | None = Field(None, ge=0, description="Ray tasks writing shards (0: in the stage's process)")
+
+
+class PretrainStage(PretrainSettings):
+    dataset: str = Field(..., description="the name of a preprocess stage")
+
+
+class FinetuneStage(FinetuneSettings):
+    dataset: str = Field(..., description="the name of a preprocess stage")
+    pretrained: str | None = Field(None, description="a model URI; required when the spec has no pretrain stage")
+
+
+class EvaluateStage(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    dataset: str = Field(..., description="the name of a preprocess stage")
+    split: str = "test"
+    model: str | None = Field(None, description="a model URI; default: the finetune stage's model")
+    batch_size: int = Field(64, ge=1)
+
+
+class WorkflowSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    workdir: str = Field(".", description="where data, runs and the default MLflow store go (relative to the spec)")
+    tracking: Tracking = Tracking()
+    ray: RayConfig = RayConfig()
+    storage_path: str | None = Field(None, description="checkpoints and Ray results (default: <workdir>/runs); a URI for clusters")
+    preprocess: dict[str, PreprocessStage] = Field(default_factory=dict)
+    pretrain: PretrainStage | None = None
+    finetune: FinetuneStage | None = None
+    evaluate: EvaluateStage | None = None
+
+    @model_validator(mode="after")
+    def _wired(self) -> WorkflowSpec:
+        problems = []
+        for stage_name in ("pretrain", "finetune", "evaluate"):
+            stage = getattr(self, stage_name)
+            if stage is not None and stage.dataset not in self.preprocess:
+                problems.append(f"{stage_name}.dataset: {stage.dataset!r} is not a preprocess stage "
+                                f"(have: {', '.join(self.preprocess) or 'none'})")
+        for name in self.preprocess:
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", name):
+                problems.append(f"preprocess.{name}: stage names are letters, digits, '-' and '_'")
+        if self.finetune is not None:
+            if self.finetune.pretrained is None and self.pretrain is None:
+                problems.append("finetune.pretrained: needed when the spec has no pretrain stage")
+            if self.finetune.pretrained is not None and not _is_model_reference(self.finetune.pretrained):
+                problems.append(f"finetune.pretrained: {self.finetune.pretrained!r} is not a model URI "
+                                "(models:/NAME/VERSION, models:/NAME@ALIAS, runs:/RUN_ID/PATH) or an existing folder")
+            if self.pretrain is not None:
+                patch = self.pretrain.model.build(num_classes=1).patch_size
+                bad = [size for size in self.finetune.search.image_size if size % patch]
+                if bad:
+                    problems.append(f"finetune.search.image_size: {bad} not divisible by the pre-trained patch size {patch}")
+        if self.evaluate is not None:
+            if self.evaluate.model is None and self.finetune is None:
+                problems.append("evaluate.model: needed when the spec has no finetune stage")
+            if self.evaluate.model is not None and not _is_model_reference(self.evaluate.model):
+                problems.append(f"evaluate.model: {self.evaluate.model!r} is not a model URI or an existing folder")
+        if not (self.preprocess or self.pretrain or self.finetune or self.evaluate):
+            problems.append("the spec has no stages")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+def _is_model_reference(value: str) -> bool:
+    return bool(MODEL_URI.match(value)) or Path(value).is_dir()
+
+
+def _format_errors(path: Path, error: ValidationError) -> str:
+    lines = [f"{path}: invalid workflow spec ({error.error_count()} problem{'s' if error.error_count() > 1 else ''})"]
+    for problem in error.errors():
+        where = ".".join(str(part) for part in problem["loc"]) or "(top level)"
+        message = problem["msg"].removeprefix("Value error, ")
+        if problem["type"] == "extra_forbidden":
+            message = "unknown key"
+        lines.append(f"  {where}: {message}")
+    return "\n".join(lines)
+
+
+def parse_spec(data: Any, path: Path) -> WorkflowSpec:
+    if not isinstance(data, dict):
+        raise SpecError(f"{path}: a workflow spec is a YAML mapping, got {type(data).__name__}")
+    try:
+        return WorkflowSpec.model_validate(data)
+    except ValidationError as error:
+        raise SpecError(_format_errors(path, error)) from None
+
+
+def load_spec(path: str | Path) -> tuple[WorkflowSpec, Path]:
+    """The validated spec and the folder its relative paths resolve against."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"{path}: no such file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise SpecError(f"{path}: not valid YAML: {error}") from None
+    base = path.resolve().parent
+    return parse_spec(_resolve_paths(data, base), path), base
+
+
+def _resolve_paths(data: Any, base: Path) -> Any:
+    """Relative local paths (sources, outputs, model folders) -> absolute, against the spec's folder."""
+    if not isinstance(data, dict):
+        return data
+    data = dict(data)
+
+    def absolute(value):
+        if isinstance(value, str) and "://" not in value and not value.startswith(("models:/", "runs:/")):
+            return str((base / value).resolve())
+        return value
+
+    data["workdir"] = absolute(data.get("workdir", "."))
+    if isinstance(data.get("storage_path"), str):
+        data["storage_path"] = absolute(data["storage_path"])
+    for stage in (data.get("preprocess") or {}).values() if isinstance(data.get("preprocess"), dict) else ():
+        if isinstance(stage, dict):
+            for key in ("source", "out"):
+                if isinstance(stage.get(key), str):
+                    stage[key] = absolute(stage[key])
+    for section, key in (("finetune", "pretrained"), ("evaluate", "model")):
+        stage = data.get(section)
+        if isinstance(stage, dict) and isinstance(stage.get(key), str) and not stage[key].startswith(("models:/", "runs:/")):
+            stage[key] = absolute(stage[key])
+    return data
