@@ -81,7 +81,7 @@ def main() -> None:
         "storage_path": str(args.workdir / "runs"),
         "tracking": {"uri": uri, "experiment": "pretrain-cifar10"},
     }
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    ray.init(num_cpus=2, include_dashboard=True, logging_level="WARNING")
     rate = calibrate(shards, args, base)
     # What is left of the budget, less the stage's fixed costs (worker group start, ~8 evaluations of the
     # 1,000 validation images, the final test evaluation, model logging): about 3 minutes here.

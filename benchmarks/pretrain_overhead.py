@@ -86,7 +86,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="vitflow-overhead-"))
     shards = cifar10_shards(work / "shards", train_rows=args.train_rows, test_rows=1000)
     config = settings(args, shards, work)
-    ray.init(num_cpus=args.cpus, include_dashboard=False, logging_level="WARNING")
+    ray.init(num_cpus=args.cpus, include_dashboard=True, logging_level="WARNING")
     try:
         plain_rate = plain(config)
         ray_rate = through_ray(config)

@@ -196,7 +196,9 @@ def run_finetune(config: FinetuneSearchConfig, *, parent_run_id: str | None = No
 
     started_here = not ray.is_initialized()
     if started_here:
-        ray.init(resources={TRIAL_DRIVER_RESOURCE: config.search.max_concurrent_trials}, include_dashboard=False,
+        # The dashboard is not optional here: Ray Train V2's PlacementGroupCleaner asks its State API
+        # whether a trial's controller died (ASHA stops trials); without it their CPUs are never freed.
+        ray.init(resources={TRIAL_DRIVER_RESOURCE: config.search.max_concurrent_trials}, include_dashboard=True,
                  logging_level="WARNING")
     try:
         grid = _search(config, pretrained, index, tracking_uri, search_run_id)

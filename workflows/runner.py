@@ -135,12 +135,15 @@ class WorkflowRunner:
         if started_here:
             # A loaded machine can take longer than Ray Train's 60 s default to start a worker group.
             os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
-            if self.spec.ray.address:
-                ray.init(address=self.spec.ray.address, logging_level="WARNING")
+            address = self.spec.ray.address or os.environ.get("RAY_ADDRESS")  # set for Ray Jobs drivers
+            if address:
+                ray.init(address=address, logging_level="WARNING")
             else:
+                # With the dashboard: Ray Train V2's PlacementGroupCleaner needs its State API to free
+                # the resources of trials ASHA stops.
                 concurrency = self.spec.finetune.search.max_concurrent_trials if self.spec.finetune else 1
                 ray.init(num_cpus=self.spec.ray.num_cpus, resources={TRIAL_DRIVER_RESOURCE: concurrency},
-                         include_dashboard=False, logging_level="WARNING")
+                         include_dashboard=True, logging_level="WARNING")
         status = "FAILED"
         try:
             self._preprocess_all()

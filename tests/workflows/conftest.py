@@ -69,7 +69,7 @@ def local_ray(tmp_path_factory):
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
     from workflows.finetune import TRIAL_DRIVER_RESOURCE
 
-    ray.init(num_cpus=2, resources={TRIAL_DRIVER_RESOURCE: 2}, include_dashboard=False, _temp_dir=str(temp),
+    ray.init(num_cpus=2, resources={TRIAL_DRIVER_RESOURCE: 2}, include_dashboard=True, _temp_dir=str(temp),
              logging_level="WARNING")
     yield ray
     ray.shutdown()

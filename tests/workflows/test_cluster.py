@@ -165,3 +165,36 @@ def test_a_failed_job_or_a_wrong_token_ends_submit_with_an_error(tmp_path, two_n
     wrong_token = {**two_node_cluster.env, "RAY_AUTH_TOKEN": "0" * 64}
     result = vitflow("status", result.stdout.splitlines()[0], "--address", two_node_cluster.dashboard_url, env=wrong_token)
     assert result.returncode == 1 and "refused the request" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_submit_a_workflow_to_a_two_node_cluster(tmp_path, cifar_source, flowers_source, two_node_cluster, tracking_server):
+    """`vitflow submit SPEC` (the default `run` command): the whole workflow as one Ray job, pre-training
+    DDP workers on both nodes, both models registered in the tracking server."""
+    from mlflow.tracking import MlflowClient
+
+    from tests.workflows.test_runner import mini_spec
+
+    data = mini_spec(cifar_source, flowers_source)
+    data["tracking"] = {"uri": tracking_server.url, "experiment": "cluster-workflow"}
+    data["workdir"] = str(tmp_path / "work")
+    data["storage_path"] = str(tmp_path / "runs")  # one filesystem: both nodes see it (on a cloud: s3://)
+    data["pretrain"]["resources"] = {"num_workers": 2, "cpus_per_worker": 1}
+    data["finetune"]["search"]["max_concurrent_trials"] = 1
+    spec = tmp_path / "workflow.yaml"
+    spec.write_text(yaml.safe_dump(data))
+
+    result = vitflow("submit", str(spec), "--address", two_node_cluster.dashboard_url, "--wait", timeout=1500,
+                     env=two_node_cluster.env)
+    assert result.returncode == 0, f"{result.stdout[-6000:]}\n{result.stderr[-3000:]}"
+    job_id = result.stdout.splitlines()[0]
+    ray_job_id = two_node_cluster.get(f"/api/jobs/{job_id}").json()["job_id"]
+    workers = two_node_cluster.state("actors", class_name="RayTrainWorker", job_id=ray_job_id)
+    nodes = {node["node_id"] for node in two_node_cluster.alive_nodes()}
+    # pre-training's two DDP workers, one per node (fine-tuning trials add 1-worker groups after them)
+    assert len(nodes) == 2 and {worker["node_id"] for worker in workers} == nodes
+
+    client = MlflowClient(tracking_server.url, registry_uri=tracking_server.url)
+    assert len(client.search_model_versions("name = 'vit-pretrained'")) == 1
+    (finetuned,) = client.search_model_versions("name = 'vit-finetuned'")
+    assert client.get_model_version_by_alias("vit-finetuned", "champion").version == finetuned.version

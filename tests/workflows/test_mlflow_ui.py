@@ -9,13 +9,15 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 
 from tests.workflows import browser
 from tests.workflows.servers import MlflowServer, free_port
-from workflows.pretrain import PretrainConfig, run_pretrain
+from tests.workflows.test_runner import mini_spec
+from workflows.runner import WorkflowRunner
+from workflows.spec import load_spec
 
-pytestmark = pytest.mark.skipif(browser.chromium() is None, reason="no chromium (.ci/run installs Debian's)")
 
 
 def vitflow_ui(store: Path, port: int) -> list[str]:
@@ -24,35 +26,42 @@ def vitflow_ui(store: Path, port: int) -> list[str]:
 
 
 @pytest.mark.slow
-def test_the_ui_shows_the_experiment_its_runs_and_the_registered_model(tmp_path, cifar_shards, local_ray):
-    store = tmp_path / "store"
-    settings = PretrainConfig.model_validate({
-        "name": "tiny-pretrain",
-        "dataset": str(cifar_shards),
-        "model": {"variant": "Ti/8", "image_size": 32, "embed_dim": 48, "depth": 2, "num_heads": 3},
-        "data": {"batch_size": 32, "num_workers": 1, "shuffle_buffer": 64},
-        "train": {"total_steps": 10, "log_every": 5, "checkpoint_every": 10, "optim": {"lr": 2e-3, "warmup_steps": 2}},
-        "resources": {"num_workers": 1},
-        "storage_path": str(tmp_path / "runs"),
-        "tracking": {"uri": f"sqlite:///{store / 'mlflow.db'}", "experiment": "ui-test"},
-    })
-    result = run_pretrain(settings)
-    experiment_id = MlflowClient(settings.tracking.uri).get_experiment_by_name("ui-test").experiment_id
+def test_the_ui_shows_the_workflow_its_stage_runs_and_both_models(tmp_path, cifar_source, flowers_source, local_ray):
+    assert browser.chromium() is not None, "Debian's chromium is missing (apt-get install chromium; .ci/run does)"
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump(mini_spec(cifar_source, flowers_source)))
+    spec, _ = load_spec(spec_path)
+    results = WorkflowRunner(spec).run(spec_text=spec_path.read_text())
+    store = tmp_path / "work"
+    client = MlflowClient(f"sqlite:///{store / 'mlflow.db'}")
+    experiment_id = client.get_experiment_by_name("mini").experiment_id
+    (parent,) = client.search_runs([experiment_id], "tags.`vitflow.workflow` = 'mini'")
 
     port = free_port()
     with MlflowServer(vitflow_ui(store, port), port, tmp_path / "ui-server.log") as server:
         runs_page = f"{server.url}/#/experiments/{experiment_id}/runs"
         runs_text = browser.visible_text(browser.dump_dom(runs_page))
-        assert "ui-test" in runs_text and "tiny-pretrain" in runs_text, runs_text[:3000]
+        assert "mini" in runs_text, runs_text[:3000]
+        # the workflow's parent run and its stage runs (nested under it in the runs table)
+        parent_page = f"{server.url}/#/experiments/{experiment_id}/runs/{parent.info.run_id}"
+        parent_text = browser.visible_text(browser.dump_dom(parent_page))
+        assert "mini" in parent_text and "spec.yaml" in parent_text or "Child runs" in parent_text, parent_text[:3000]
+        child_names = [run.info.run_name for run in client.search_runs(
+            [experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")]
+        assert len(child_names) >= 5
+        assert any(name in runs_text for name in child_names), (child_names, runs_text[:3000])
 
-        models_text = browser.visible_text(browser.dump_dom(f"{server.url}/#/models"))
-        assert "vit-pretrained" in models_text, models_text[:3000]
-        model_text = browser.visible_text(browser.dump_dom(f"{server.url}/#/models/vit-pretrained"))
-        assert f"Version {result.version}" in model_text, model_text[:3000]
+        for name in ("vit-pretrained", "vit-finetuned"):
+            model_text = browser.visible_text(browser.dump_dom(f"{server.url}/#/models/{name}"))
+            assert "Version 1" in model_text, model_text[:3000]
+        finetuned_text = browser.visible_text(browser.dump_dom(f"{server.url}/#/models/vit-finetuned"))
+        assert "champion" in finetuned_text, finetuned_text[:3000]
+        assert results["finetune"].model_uri == "models:/vit-finetuned/1"
 
         shots = tmp_path / "screenshots"
-        # The model's page, not the list: on a first visit the list hides behind a dialog about the new registry UI.
-        for name, url in (("runs", runs_page), ("model", f"{server.url}/#/models/vit-pretrained")):
+        # The models' pages, not the list: on a first visit the list hides behind a dialog about the new registry UI.
+        for name, url in (("runs", runs_page), ("parent", parent_page),
+                          ("finetuned", f"{server.url}/#/models/vit-finetuned")):
             png = browser.screenshot(url, shots / f"{name}.png")
             assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000  # not a blank page
     print(f"screenshots: {shots}")
