@@ -69,6 +69,7 @@ def train_worker(cfg: dict[str, Any]) -> None:
     if buffer is not None and resume_dir is None and cfg.get("pretrained") is not None:
         # The fine-tuning recipe's evidence: the head fit starts from is exactly zero (Section 3.2).
         buffer.log(0, {"init/head_abs_max": float(model.head.weight.abs().max()), "init/head_bias_abs_max": float(model.head.bias.abs().max())})
+        buffer.flush()
     progress = Progress(train_config.total_steps, data_config.batch_size * world_size * train_config.grad_accum_steps)
     local_checkpoints = Path(tempfile.mkdtemp(prefix="vitflow-ckpt-"))
 
@@ -78,6 +79,8 @@ def train_worker(cfg: dict[str, Any]) -> None:
             raise RuntimeError(f"fault drill: rank 0 fails at step {step}")
         if buffer is not None:
             buffer.log(step, metrics)
+            if checkpoint_dir or any(key.startswith("val/") for key in metrics):
+                buffer.flush()  # a search may stop this trial at any report: keep what it measured
             progress.print(step, metrics)
         ray_checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         ray.train.report({**metrics, "step": step}, checkpoint=ray_checkpoint)

@@ -82,7 +82,7 @@ def test_search_registers_a_champion_with_lineage(pretrained, flowers_shards, lo
     assert version.tags["pretrained_version"] == pretrained_version
     assert version.tags["search_run_id"] == result.search_run_id
     assert version.tags["dataset_fingerprint"] == __import__("json").load(open(flowers_shards / "dataset.json"))["fingerprint"]
-    assert client.get_model_version_by_alias("vit-finetuned", "champion").version == result.version and result.champion
+    assert str(client.get_model_version_by_alias("vit-finetuned", "champion").version) == result.version and result.champion
     plain = tracking.load_plain_model(uri, "models:/vit-finetuned@champion")
     size = plain.config.image_size[0]
     assert plain.state_dict["pos_embed"].shape == (1, 1 + (size // 8) ** 2, 48)
