@@ -106,6 +106,9 @@ class FinetuneSettings(BaseModel):
                              f"train.total_steps {self.train.total_steps}")
         if not self.train.eval_every:
             raise ValueError("train.eval_every must be set: the search compares trials on validation top-1")
+        if self.train.checkpoint_every % self.train.eval_every:
+            raise ValueError(f"train.checkpoint_every {self.train.checkpoint_every} must be a multiple of "
+                             f"train.eval_every {self.train.eval_every}: trials report to Tune at evaluations")
         return self
 
 
@@ -318,6 +321,7 @@ def run_trial(params: dict[str, Any], shared: dict[str, Any]) -> None:
             "tracking_uri": uri,
             "run_id": run_id,
             "pretrained": shared["pretrained"],
+            "report_validation_only": True,  # every Tune result carries val/top1 (ASHA's metric)
         },
         scaling_config=ScalingConfig(
             num_workers=resources.num_workers, use_gpu=resources.use_gpu,

@@ -82,6 +82,9 @@ def train_worker(cfg: dict[str, Any]) -> None:
             if checkpoint_dir or any(key.startswith("val/") for key in metrics):
                 buffer.flush()  # a search may stop this trial at any report: keep what it measured
             progress.print(step, metrics)
+        validated = any(key.startswith("val/") for key in metrics)
+        if cfg.get("report_validation_only") and not validated:
+            return  # a Tune trial: Tune compares trials on validation metrics, MLflow has the rest
         ray_checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         ray.train.report({**metrics, "step": step}, checkpoint=ray_checkpoint)
         if checkpoint_dir:

@@ -109,6 +109,11 @@ def test_search_configuration_errors(tmp_path, flowers_shards):
                                                             "scheduler": {"grace_period": 40}})
 
 
+def test_checkpoints_must_fall_on_evaluations(tmp_path, flowers_shards):
+    with pytest.raises(ValueError, match="checkpoint_every 5 must be a multiple of train.eval_every 4"):
+        search_config(tmp_path, flowers_shards, "x", train={"total_steps": 12, "eval_every": 4, "checkpoint_every": 5})
+
+
 def test_pareto_front():
     points = [(1.0, 0.5), (2.0, 0.6), (2.0, 0.55), (3.0, 0.58), (0.5, 0.4)]
     assert sorted(pareto_front(points)) == [0, 1, 4]
