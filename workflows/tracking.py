@@ -9,6 +9,7 @@ the form fine-tuning reads. So one URI (``models:/vit-pretrained/3``, ``runs:/<i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -40,6 +41,27 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+@contextlib.contextmanager
+def _using(tracking_uri: str):
+    """MLflow's fluent API with ``tracking_uri`` for the block only. ``mlflow.set_tracking_uri`` also
+    exports MLFLOW_TRACKING_URI to the environment, which would leak into whatever runs next in this
+    process (and its children): the previous state is restored on the way out."""
+    saved = {name: os.environ.get(name) for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    previous_tracking, previous_registry = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous_tracking)
+        mlflow.set_registry_uri(previous_registry)
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def default_tracking_uri(workdir: str | Path = ".") -> str:
@@ -333,7 +355,6 @@ def log_vit_model(
     """Log ``model`` to ``run_id``: an exported MLflow pytorch model with a signature and a batch-2
     input example (so the batch dimension stays dynamic), plus the plain weights, config and class
     names fine-tuning needs."""
-    mlflow.set_tracking_uri(tracking_uri)
     model = model.eval().cpu()
     height, width = model.config.image_size
     example = np.random.default_rng(0).standard_normal((2, model.config.in_chans, height, width)).astype(np.float32)
@@ -341,7 +362,7 @@ def log_vit_model(
         signature = infer_signature(example, model(torch.from_numpy(example)).numpy())
     with tempfile.TemporaryDirectory() as tmp:
         extra = _write_plain_model(Path(tmp), model, class_names, preprocessing or {})
-        with mlflow.start_run(run_id=run_id):
+        with _using(tracking_uri), mlflow.start_run(run_id=run_id):
             info = mlflow.pytorch.log_model(
                 model,
                 name=name,
@@ -367,13 +388,12 @@ def register_model(tracking_uri: str, model_uri: str, name: str, tags: Mapping[s
     """Register ``model_uri`` as a new version of ``name`` and return the version. Idempotent per run:
     when ``run_id`` already registered a version of ``name`` (a resumed or repeated stage), that one is
     returned, so reruns never create duplicate versions."""
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_registry_uri(tracking_uri)
     client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
     for version in client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"):
         log.info("%s version %s was already registered by run %s", name, version.version, run_id)
         return str(version.version)
-    version = mlflow.register_model(model_uri, name, tags={key: str(value) for key, value in tags.items()})
+    with _using(tracking_uri):
+        version = mlflow.register_model(model_uri, name, tags={key: str(value) for key, value in tags.items()})
     return str(version.version)
 
 
@@ -406,12 +426,11 @@ class PlainModel:
 def load_plain_model(tracking_uri: str, model_uri: str) -> PlainModel:
     """Resolve ``models:/name/3``, ``models:/name@alias``, ``runs:/<id>/model`` or a local folder of a
     logged ViT to its weights, config and class names."""
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_registry_uri(tracking_uri)
     local = Path(model_uri)
     if not local.exists():
         try:
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=_logged_model_uri(tracking_uri, model_uri)))
+            with _using(tracking_uri):
+                local = Path(mlflow.artifacts.download_artifacts(artifact_uri=_logged_model_uri(tracking_uri, model_uri)))
         except mlflow.exceptions.MlflowException as error:
             raise ValueError(f"model {model_uri!r} cannot be resolved: {error.message}") from None
     folder = local / "extra_files" if (local / "extra_files").is_dir() else local

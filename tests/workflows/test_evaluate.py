@@ -4,6 +4,7 @@ logged as a child of the model's run in a real MLflow store. No Ray involved."""
 from __future__ import annotations
 
 import json
+import os
 
 import pyarrow.parquet as pq
 import pytest
@@ -30,10 +31,13 @@ def trained(tmp_path_factory, flowers_shards):
     fit(model, train_loader(flowers_shards, data, rank=0, world_size=1), None, TrainConfig(total_steps=10, log_every=5),
         report=lambda *a, **k: None)
     run_id = tracking.start_run(uri, "eval-test", "train")
+    environment = dict(os.environ)
     logged = tracking.log_vit_model(uri, run_id, model, json.load(open(flowers_shards / "dataset.json"))["class_names"],
                                     preprocessing=preprocessing_of(data))
     version = tracking.register_model(uri, logged.model_uri, "vit-finetuned", {}, run_id)
     tracking.end_run(uri, run_id)
+    # MLflow's fluent API exports MLFLOW_TRACKING_URI; vitflow must not leave it behind for later work
+    assert dict(os.environ) == environment
     return uri, run_id, version, model.eval(), data
 
 

@@ -58,11 +58,11 @@ def test_two_workers_learn_register_and_reload(tmp_path, cifar_shards, local_ray
     model = VisionTransformer(plain.config).eval()
     model.load_state_dict(plain.state_dict)
     images = torch.randn(3, 3, 32, 32)
-    mlflow.set_tracking_uri(uri)
-    served = mlflow.pytorch.load_model(f"models:/vit-pretrained/{result.version}")
+    with tracking._using(uri):
+        served = mlflow.pytorch.load_model(f"models:/vit-pretrained/{result.version}")
+        predicted = mlflow.pyfunc.load_model(f"models:/vit-pretrained/{result.version}").predict(images.numpy())
     with torch.no_grad():
         torch.testing.assert_close(served(images), model(images), rtol=0, atol=0)
-    predicted = mlflow.pyfunc.load_model(f"models:/vit-pretrained/{result.version}").predict(images.numpy())
     np.testing.assert_allclose(predicted, model(images).detach().numpy(), rtol=0, atol=0)
 
     # Running the finished configuration again reuses it: no second version.
