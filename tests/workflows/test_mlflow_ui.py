@@ -46,10 +46,14 @@ def test_the_ui_shows_the_workflow_its_stage_runs_and_both_models(tmp_path, cifa
         parent_page = f"{server.url}/#/experiments/{experiment_id}/runs/{parent.info.run_id}"
         parent_text = browser.visible_text(browser.dump_dom(parent_page))
         assert "mini" in parent_text and "spec.yaml" in parent_text or "Child runs" in parent_text, parent_text[:3000]
-        child_names = [run.info.run_name for run in client.search_runs(
-            [experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")]
-        assert len(child_names) >= 5
-        assert any(name in runs_text for name in child_names), (child_names, runs_text[:3000])
+        children = client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+        assert len(children) >= 5
+        # The table nests stage runs under the workflow's run (collapsed); a stage run's own page names it
+        # and links its parent run.
+        (pretrain_run,) = [run for run in children if run.data.tags.get("vitflow.stage") == "pretrain"]
+        child_page = f"{server.url}/#/experiments/{experiment_id}/runs/{pretrain_run.info.run_id}"
+        child_text = browser.visible_text(browser.dump_dom(child_page))
+        assert pretrain_run.info.run_name in child_text and "Parent run" in child_text, child_text[:3000]
 
         for name in ("vit-pretrained", "vit-finetuned"):
             model_text = browser.visible_text(browser.dump_dom(f"{server.url}/#/models/{name}"))
@@ -60,7 +64,7 @@ def test_the_ui_shows_the_workflow_its_stage_runs_and_both_models(tmp_path, cifa
 
         shots = tmp_path / "screenshots"
         # The models' pages, not the list: on a first visit the list hides behind a dialog about the new registry UI.
-        for name, url in (("runs", runs_page), ("parent", parent_page),
+        for name, url in (("runs", runs_page), ("parent", parent_page), ("pretrain", child_page),
                           ("finetuned", f"{server.url}/#/models/vit-finetuned")):
             png = browser.screenshot(url, shots / f"{name}.png")
             assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000  # not a blank page
