@@ -28,7 +28,7 @@ from vit import ViTConfig, gflops
 from vit.data import DataConfig, read_dataset_index
 from vit.finetune import FinetuneConfig
 from vit.loop import TrainConfig
-from workflows.pretrain import NAME_TAG, STAGE_TAG, Resources, Tracking
+from workflows.pretrain import NAME_TAG, STAGE_TAG, Resources, Tracking, absolute_uri, load_yaml_config
 
 log = logging.getLogger(__name__)
 
@@ -135,10 +135,7 @@ class FinetuneResult:
 
 
 def load_config(path: str | Path) -> FinetuneSearchConfig:
-    import yaml
-
-    with open(path) as handle:
-        return FinetuneSearchConfig.model_validate(yaml.safe_load(handle) or {})
+    return load_yaml_config(path, FinetuneSearchConfig)
 
 
 def trial_configs(config: FinetuneSearchConfig, params: dict[str, Any], model: ViTConfig, num_classes: int) -> dict[str, Any]:
@@ -249,7 +246,7 @@ def _search(config: FinetuneSearchConfig, pretrained, index, tracking_uri: str, 
         "search_run_id": search_run_id,
     }
     trainable = tune.with_resources(tune.with_parameters(run_trial, shared=shared), _trial_resources())
-    storage = _storage_uri(config.storage_path)
+    storage = absolute_uri(config.storage_path)
     path = f"{storage.rstrip('/')}/{config.name}"
     if Tuner.can_restore(path):  # an interrupted search resumes: finished trials are kept
         log.info("resuming search %s from %s", config.name, path)
@@ -275,10 +272,6 @@ def _trial_resources() -> dict[str, float]:
     log.warning("the Ray cluster declares no %r resource: trial drivers take 0.01 CPU, which may limit "
                 "concurrency (start Ray with --resources '{\"%s\": N}')", TRIAL_DRIVER_RESOURCE, TRIAL_DRIVER_RESOURCE)
     return {"CPU": 0.01}
-
-
-def _storage_uri(path: str) -> str:
-    return path if "://" in path else str(Path(path).resolve())
 
 
 def run_trial(params: dict[str, Any], shared: dict[str, Any]) -> None:
@@ -314,7 +307,7 @@ def run_trial(params: dict[str, Any], shared: dict[str, Any]) -> None:
         train_worker,
         train_loop_config={
             **sections,
-            "dataset": str(Path(config.dataset).resolve()) if "://" not in config.dataset else config.dataset,
+            "dataset": absolute_uri(config.dataset),
             "train_split": config.train_split,
             "val_split": config.val_split,
             "class_names": shared["class_names"],
@@ -329,7 +322,7 @@ def run_trial(params: dict[str, Any], shared: dict[str, Any]) -> None:
         ),
         run_config=RunConfig(
             name=f"{config.name}-{trial_id}",
-            storage_path=f"{_storage_uri(config.storage_path).rstrip('/')}/{config.name}-trials",
+            storage_path=f"{absolute_uri(config.storage_path).rstrip('/')}/{config.name}-trials",
             failure_config=FailureConfig(max_failures=0),  # Tune retries the whole trial
             checkpoint_config=CheckpointConfig(num_to_keep=1),
             callbacks=[TuneReportCallback()],

@@ -112,11 +112,16 @@ class PretrainResult:
     metrics: dict[str, float]
 
 
-def load_config(path: str | Path) -> PretrainConfig:
+def load_yaml_config(path: str | Path, model: type[BaseModel]):
+    """A stage configuration file, validated by its pydantic ``model``."""
     import yaml
 
     with open(path) as handle:
-        return PretrainConfig.model_validate(yaml.safe_load(handle) or {})
+        return model.model_validate(yaml.safe_load(handle) or {})
+
+
+def load_config(path: str | Path) -> PretrainConfig:
+    return load_yaml_config(path, PretrainConfig)
 
 
 def run_pretrain(config: PretrainConfig, *, parent_run_id: str | None = None, console=None) -> PretrainResult:
@@ -154,12 +159,12 @@ def run_pretrain(config: PretrainConfig, *, parent_run_id: str | None = None, co
     else:
         tracking.reopen_run(tracking_uri, run_id)  # a rerun continues the same MLflow run
 
-    storage = _storage_uri(config.storage_path)
+    storage = absolute_uri(config.storage_path)
     worker_config = {
         "model": model_config.to_dict(),
         "data": config.data.to_dict(),
         "train": config.train.to_dict(),
-        "dataset": str(Path(config.dataset).resolve()) if "://" not in config.dataset else config.dataset,
+        "dataset": absolute_uri(config.dataset),
         "train_split": config.train_split,
         "val_split": config.val_split,
         "class_names": list(index.class_names),
@@ -221,6 +226,6 @@ def _final_model(checkpoint):
     return model
 
 
-def _storage_uri(path: str) -> str:
-    """Ray Train wants an absolute path or a URI (s3://, gs://, ...)."""
+def absolute_uri(path: str) -> str:
+    """A URI as it is, a local path made absolute: Ray workers run elsewhere (s3://, gs://, ...)."""
     return path if "://" in path else str(Path(path).resolve())
