@@ -17,6 +17,7 @@ _EXPORTS = {
     "VerifyReport": "pipeline.verify",
     "open_source": "pipeline.sources",
     "SourceError": "pipeline.sources",
+    "StorageError": "pipeline.shards",
     "DatasetInfo": "pipeline.manifest",
     "load_dataset_info": "pipeline.manifest",
     "read_manifest": "pipeline.manifest",

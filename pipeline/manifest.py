@@ -15,11 +15,12 @@ library at module level (pyarrow inside the Parquet functions), so readers can l
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import hashlib
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -187,8 +188,20 @@ def file_sha256(path: Path) -> str:
 def write_json_atomic(path: Path, doc: Any) -> None:
     """Write JSON through a temporary file and a rename, so readers never see half a file."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    with _removed_on_error(tmp):
+        tmp.write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def _removed_on_error(tmp: Path) -> Iterator[None]:
+    """A failed write (a full disk, a quota) leaves no half-written temporary file behind."""
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_dataset_info(info: DatasetInfo) -> None:
@@ -238,12 +251,34 @@ def _write_rows(path: Path, rows: Sequence[Mapping[str, Any]], schema) -> None:
 
     table = pa.Table.from_pylist([dict(r) for r in rows], schema=schema)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    pq.write_table(table, tmp, compression="zstd")
-    os.replace(tmp, path)
+    with _removed_on_error(tmp):
+        pq.write_table(table, tmp, compression="zstd")
+        os.replace(tmp, path)
 
 
-def write_manifest(root: Path, rows: Sequence[Mapping[str, Any]]) -> None:
-    _write_rows(root / MANIFEST_FILE, rows, _manifest_schema())
+def write_manifest(root: Path, shards_rows: Iterable[Sequence[Mapping[str, Any]]], *,
+                   row_group_rows: int = 65_536) -> int:
+    """``manifest.parquet`` from each shard's rows in order, streamed: only one row group is held in
+    memory, however many samples there are. Returns the number of rows written."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path, schema = root / MANIFEST_FILE, _manifest_schema()
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    written, pending = 0, []
+    with _removed_on_error(tmp):
+        with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+            for rows in shards_rows:
+                pending.append(pa.Table.from_pylist([dict(r) for r in rows], schema=schema))
+                if sum(len(t) for t in pending) >= row_group_rows:
+                    writer.write_table(pa.concat_tables(pending), row_group_size=row_group_rows)
+                    written += sum(len(t) for t in pending)
+                    pending = []
+            if pending or not written:
+                writer.write_table(pa.concat_tables(pending) if pending else schema.empty_table())
+                written += sum(len(t) for t in pending)
+        os.replace(tmp, path)
+    return written
 
 
 def write_quarantine(root: Path, rows: Sequence[Mapping[str, Any]]) -> None:

@@ -79,20 +79,37 @@ def map_tasks(
         results: list[R | None] = [None] * len(tasks)
         pending: dict = {}
         submitted, reported = 0, 0
-        while submitted < len(tasks) or pending:
-            while submitted < len(tasks) and len(pending) < window:
-                pending[run.remote(fn, tasks[submitted], counter)] = submitted
-                submitted += 1
-            done, _ = ray.wait(list(pending), num_returns=1, timeout=0.25)
-            for ref in done:
-                results[pending.pop(ref)] = ray.get(ref)
-                on_done()
-            total = ray.get(counter.get.remote())
-            on_progress(total - reported)
-            reported = total
+        try:
+            while submitted < len(tasks) or pending:
+                while submitted < len(tasks) and len(pending) < window:
+                    pending[run.remote(fn, tasks[submitted], counter)] = submitted
+                    submitted += 1
+                done, _ = ray.wait(list(pending), num_returns=1, timeout=0.25)
+                for ref in done:
+                    index = pending.pop(ref)
+                    results[index] = _result(ray, ref)
+                    on_done()
+                total = ray.get(counter.get.remote())
+                on_progress(total - reported)
+                reported = total
+        except BaseException:
+            for ref in pending:  # on a shared cluster they would run on after this call has failed
+                ray.cancel(ref)
+            raise
         return results  # type: ignore[return-value]
     finally:
         if counter is not None:
             ray.kill(counter)
         if started_here:
             ray.shutdown()
+
+
+def _result(ray, ref):
+    """``ray.get(ref)``; a task's own exception is raised as itself (its message unchanged, the remote
+    traceback chained), so callers catch and show it as if the task had run here."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as error:
+        if isinstance(error.cause, Exception):
+            raise error.cause from error
+        raise

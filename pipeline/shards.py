@@ -9,7 +9,9 @@ the same plan and the file still has the recorded sha256; everything else is reb
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import hashlib
 import io
 import json
@@ -20,7 +22,7 @@ import re
 import tarfile
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -33,13 +35,27 @@ from pipeline.config import ShardConfig
 from pipeline.images import ProcessedImage, process_image
 from pipeline.manifest import DatasetInfo, Reason, Rejected, ShardInfo, SplitInfo
 from pipeline.report import ShardProgress
-from pipeline.sources import Record, Scan, Source, Unusable, open_source
+from pipeline.sources import Record, Scan, Source, SourceError, Unusable, open_source
 
 # Per sample: three 512-byte tar headers, three members padded to 512 bytes (on average 256 each),
 # and the JSON member itself. Added to the input size when planning shard sizes.
 TAR_OVERHEAD_PER_SAMPLE = 3 * 512 + 3 * 256 + 256
 KEY_HEX_DIGITS = 24  # 96 bits of sha1: collisions are not a concern below billions of samples
 _SHARD_FILE = re.compile(r"^[A-Za-z0-9_-]+-\d{6}\.tar$")
+
+
+class StorageError(OSError):
+    """``OUT`` cannot be written: a read-only folder, a full disk, a quota. The message names the path and
+    the cause; what was finished stays valid (atomic renames), so the same run again resumes."""
+
+
+def _storage_error(out: Path, what: str, error: OSError) -> StorageError:
+    cause = error.strerror or str(error)
+    code = f" ({errno.errorcode[error.errno]})" if error.errno in errno.errorcode else ""
+    return StorageError(
+        f"{out}: cannot write {what}: {cause}{code}. Fix the storage (permissions, free space, quota) and run "
+        "the same command again: finished shards are kept and reused"
+    )
 
 
 # ----------------------------------------------------------------------------------------------- plan
@@ -170,10 +186,19 @@ class ShardTask:
 
 @dataclass(frozen=True)
 class ShardOutcome:
+    """What a shard task hands back: small, whatever the shard holds. Its manifest and quarantine rows stay
+    in its receipt, which the driver streams into the manifests at the end: the driver's memory does not
+    grow with the images sharded (``benchmarks/shard_load.py``)."""
+
     info: ShardInfo
-    samples: tuple[dict[str, Any], ...]  # manifest.parquet rows
-    quarantined: tuple[dict[str, Any], ...]  # quarantine.parquet rows
+    counts: Mapping[str, int]  # label name -> samples in the shard
+    quarantined: int  # inputs of this shard that were quarantined
     reused: bool
+
+
+def _outcome(receipt: Mapping[str, Any], reused: bool) -> ShardOutcome:
+    counts = Counter(row["label_name"] for row in receipt["samples"])
+    return ShardOutcome(ShardInfo(**receipt["shard"]), dict(counts), len(receipt["quarantined"]), reused)
 
 
 def _receipt_path(out: Path, shard: PlannedShard) -> Path:
@@ -191,9 +216,7 @@ def _reusable(task: ShardTask) -> ShardOutcome | None:
             return None
     except (OSError, ValueError, KeyError):
         return None
-    return ShardOutcome(
-        ShardInfo(**receipt["shard"]), tuple(receipt["samples"]), tuple(receipt["quarantined"]), reused=True
-    )
+    return _outcome(receipt, reused=True)
 
 
 def _tar_member(name: str, size: int) -> tarfile.TarInfo:
@@ -263,10 +286,40 @@ def _add_sample(
 
 
 def _build(task: ShardTask, report: Callable[[int], None]) -> ShardOutcome:
-    shard, config, out = task.shard, task.config, Path(task.out)
+    shard, out = task.shard, Path(task.out)
     final = out / shard.path
-    final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    renamed = False
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        samples, quarantined = _write_tar(tmp, task, report)
+        os.replace(tmp, final)  # atomic: readers and reruns see the whole shard or none
+        renamed = True
+        info = ShardInfo(shard.path, len(samples), final.stat().st_size, manifest.file_sha256(final))
+        receipt = {
+            "digest": shard.digest,
+            "shard": dataclasses.asdict(info),
+            "samples": samples,
+            "quarantined": quarantined,
+        }
+        manifest.write_json_atomic(_receipt_path(out, shard), receipt)
+        outcome = _outcome(receipt, reused=False)
+    except BaseException as error:  # a full disk, a cancelled task: no half-written shard left to fill it
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+            if renamed:  # whole, but without its receipt it would only be rebuilt: give its space back
+                final.unlink(missing_ok=True)
+        if isinstance(error, OSError):  # only writes raise OSError here: source reads fail as SourceError
+            raise _storage_error(out, shard.path, error) from error
+        raise
+    return outcome
+
+
+def _write_tar(
+    tmp: Path, task: ShardTask, report: Callable[[int], None]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The shard's samples into ``tmp``, fsynced; its manifest and quarantine rows."""
+    shard, config = task.shard, task.config
     options = {
         "max_size": config.max_size,
         "quality": config.jpeg_quality,
@@ -276,7 +329,7 @@ def _build(task: ShardTask, report: Callable[[int], None]) -> ShardOutcome:
     }
     samples, quarantined, pending, last_report = [], [], 0, time.monotonic()
     with open(tmp, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for key, (record, data) in zip(shard.keys, task.source.read(shard.records), strict=True):
+        for key, (record, data) in zip(shard.keys, _read_source(task), strict=True):
             try:
                 if isinstance(data, Rejected):  # the source could not read it
                     raise data
@@ -294,17 +347,17 @@ def _build(task: ShardTask, report: Callable[[int], None]) -> ShardOutcome:
         tar.close()
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, final)  # atomic: readers and reruns see the whole shard or none
     report(pending)
-    info = ShardInfo(shard.path, len(samples), final.stat().st_size, manifest.file_sha256(final))
-    receipt = {
-        "digest": shard.digest,
-        "shard": dataclasses.asdict(info),
-        "samples": samples,
-        "quarantined": quarantined,
-    }
-    manifest.write_json_atomic(_receipt_path(out, shard), receipt)
-    return ShardOutcome(info, tuple(samples), tuple(quarantined), reused=False)
+    return samples, quarantined
+
+
+def _read_source(task: ShardTask) -> Iterator[tuple[Record, bytes | Rejected]]:
+    """The source's records for this shard; a source that fails as a whole is a ``SourceError``, so that
+    every ``OSError`` while building a shard is one of writing it."""
+    try:
+        yield from task.source.read(task.shard.records)
+    except OSError as error:
+        raise SourceError(f"{task.source.uri}: reading inputs for {task.shard.path} failed: {error}") from error
 
 
 @dataclass(frozen=True)
@@ -333,6 +386,16 @@ def _version() -> str:
         return "unknown"
 
 
+def _reasons_text(reasons: Mapping[str, int]) -> str:
+    return ", ".join(f"{reason} {n}" for reason, n in sorted(reasons.items())) or "none quarantined"
+
+
+def _inputs_text(num_inputs: int, rejected: Sequence[Unusable]) -> str:
+    if not num_inputs:
+        return "the source lists no inputs"
+    return f"{num_inputs} inputs, all quarantined: {_reasons_text(Counter(str(u.reason) for u in rejected))}"
+
+
 def _prepare_out(out: Path) -> None:
     is_dataset = (out / manifest.DATASET_FILE).exists() or (out / manifest.WORK_DIR).is_dir()
     if out.exists() and not out.is_dir():
@@ -342,6 +405,10 @@ def _prepare_out(out: Path) -> None:
     (out / manifest.WORK_DIR).mkdir(parents=True, exist_ok=True)
     # Until the run finishes, no dataset.json: readers never see one that disagrees with the shards.
     (out / manifest.DATASET_FILE).unlink(missing_ok=True)
+    # A rerun into a folder that has become read-only gets this far: fail now, not in the first shard task.
+    probe = out / manifest.WORK_DIR / f".write-probe-{os.getpid()}"
+    probe.write_bytes(b"")
+    probe.unlink()
 
 
 def _remove_stale(out: Path, plan: Plan) -> None:
@@ -381,8 +448,13 @@ def write_shards(
         source = open_source(str(source))
     out = Path(out).absolute()
     plan = plan_shards(source.scan(), config)  # source and config mistakes surface before OUT is touched
-    _prepare_out(out)
-    _remove_stale(out, plan)
+    if not plan.shards:
+        raise SourceError(f"{source.uri}: no images to shard ({_inputs_text(plan.num_inputs, plan.rejected)})")
+    try:
+        _prepare_out(out)
+        _remove_stale(out, plan)
+    except OSError as error:
+        raise _storage_error(out, "into the output folder", error) from error
     tasks = [ShardTask(shard, source, str(out), config, plan.class_names) for shard in plan.shards]
 
     total = sum(len(t.shard.records) for t in tasks)
@@ -391,20 +463,41 @@ def write_shards(
             build_shard, tasks, workers=workers, address=address, on_progress=bar.advance, on_done=bar.shard_done
         )
 
-    info, samples, quarantined = _assemble(out, plan, config, source, outcomes)
-    if len(samples) + len(quarantined) != plan.num_inputs:
-        raise RuntimeError(
-            f"count conservation failed: {plan.num_inputs} inputs != {len(samples)} sharded + {len(quarantined)} quarantined"
-        )
-    manifest.write_manifest(out, samples)
-    manifest.write_quarantine(out, quarantined)
-    for split, split_info in info.splits.items():
-        manifest.write_wids_index(out, split, split_info.shards)
-    manifest.write_dataset_info(info)  # last: its presence means the dataset is complete
+    info = _assemble(out, plan, config, source, outcomes)
+    quarantined = [
+        {"source": u.source, "split": u.split, "reason": str(u.reason), "detail": u.detail} for u in plan.rejected
+    ]
+
+    def rows_per_shard() -> Iterator[list[dict[str, Any]]]:  # one receipt in memory at a time
+        for shard in plan.shards:
+            receipt = json.loads(_receipt_path(out, shard).read_text(encoding="utf-8"))
+            quarantined.extend(receipt["quarantined"])
+            yield receipt["samples"]
+
+    num_sharded = sum(o.info.num_samples for o in outcomes)
+    try:
+        written = manifest.write_manifest(out, rows_per_shard())
+        quarantined.sort(key=lambda q: (q["split"] or "", q["source"]))
+        if written != num_sharded or written + len(quarantined) != plan.num_inputs:
+            raise RuntimeError(
+                f"count conservation failed: {plan.num_inputs} inputs != {written} sharded "
+                f"({num_sharded} counted by the shard tasks) + {len(quarantined)} quarantined"
+            )
+        manifest.write_quarantine(out, quarantined)
+        if not num_sharded:  # no dataset.json: an empty dataset is a mistake, not a result
+            raise SourceError(
+                f"{source.uri}: none of the {plan.num_inputs} inputs could be used "
+                f"({_reasons_text(Counter(q['reason'] for q in quarantined))}); see {out / manifest.QUARANTINE_FILE}"
+            )
+        for split, split_info in info.splits.items():
+            manifest.write_wids_index(out, split, split_info.shards)
+        manifest.write_dataset_info(info)  # last: its presence means the dataset is complete
+    except OSError as error:
+        raise _storage_error(out, "the dataset's index files", error) from error
     return ShardResult(
         info=info,
         num_inputs=plan.num_inputs,
-        num_sharded=len(samples),
+        num_sharded=num_sharded,
         quarantined=dict(sorted(Counter(q["reason"] for q in quarantined).items())),
         built=tuple(s.path for s, o in zip(plan.shards, outcomes) if not o.reused),
         reused=tuple(s.path for s, o in zip(plan.shards, outcomes) if o.reused),
@@ -414,16 +507,14 @@ def write_shards(
 
 def _assemble(
     out: Path, plan: Plan, config: ShardConfig, source: Source, outcomes: Sequence[ShardOutcome]
-) -> tuple[DatasetInfo, list[dict[str, Any]], list[dict[str, Any]]]:
-    samples = [row for outcome in outcomes for row in outcome.samples]
-    quarantined = [
-        {"source": u.source, "split": u.split, "reason": str(u.reason), "detail": u.detail} for u in plan.rejected
-    ] + [row for outcome in outcomes for row in outcome.quarantined]
-    quarantined.sort(key=lambda q: (q["split"] or "", q["source"]))
+) -> DatasetInfo:
     splits = {}
     for split in sorted({s.split for s in plan.shards}):
         shard_infos = tuple(o.info for s, o in zip(plan.shards, outcomes) if s.split == split)
-        labels = Counter(row["label_name"] for row in samples if row["split"] == split)
+        labels: Counter[str] = Counter()
+        for s, o in zip(plan.shards, outcomes):
+            if s.split == split:
+                labels.update(o.counts)
         splits[split] = SplitInfo(
             num_samples=sum(s.num_samples for s in shard_infos),
             counts={name: labels.get(name, 0) for name in plan.class_names},
@@ -439,4 +530,4 @@ def _assemble(
         source=source.describe(),
         created_by=f"vitflow {_version()}",
     )
-    return info, samples, quarantined
+    return info

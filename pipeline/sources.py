@@ -152,6 +152,8 @@ class ImageFolderSource:
             }
         )
         label_of = {name: i for i, name in enumerate(class_names)}
+        if split_layout:
+            _check_split_classes(self.uri, entries)
 
         records, rejected, sizes = [], [], []
         for rel, info in sorted(entries, key=lambda e: e[0]):
@@ -187,6 +189,24 @@ class ImageFolderSource:
 
     def describe(self) -> dict[str, Any]:
         return {"kind": self.kind, "uri": self.uri}
+
+
+def _check_split_classes(uri: str, entries: list[tuple[str, pafs.FileInfo]]) -> None:
+    """Every class folder of val/test must exist in train: a class the model never trains on (often a
+    misspelt or renamed folder) would silently get a label of its own. Train may have more classes."""
+    by_split: dict[str, set[str]] = defaultdict(set)
+    for rel, info in entries:
+        if info.type == pafs.FileType.Directory and rel.count("/") == 1:
+            by_split[split_name(rel.split("/")[0])].add(rel.split("/")[1])
+    if "train" not in by_split:
+        return
+    for split, classes in sorted(by_split.items()):
+        extra = sorted(classes - by_split["train"])
+        if split != "train" and extra:
+            raise SourceError(
+                f"{uri}: split {split!r} has class folders that train lacks: {extra[:5]}"
+                f"{' ...' if len(extra) > 5 else ''}; the splits must share one class map (rename or remove them)"
+            )
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vit.data import derive_seed
+from vit.data import DatasetError, derive_seed
 from vit.optim import OptimConfig, build_optimizer, build_schedule
 
 log = logging.getLogger(__name__)
@@ -260,6 +260,11 @@ def fit(
     step, epoch, batch_in_epoch = 0, 0, 0
     if resume_from is not None:
         state = load_checkpoint(resume_from)
+        trained_on = state.get("metadata", {}).get("class_names")
+        given = (metadata or {}).get("class_names")
+        if trained_on is not None and given is not None and list(trained_on) != list(given):
+            raise DatasetError(f"{resume_from}: the checkpoint's head predicts classes {list(trained_on)[:5]} "
+                               f"({len(trained_on)}), the data has {list(given)[:5]} ({len(given)}): the class maps differ")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])

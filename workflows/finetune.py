@@ -25,7 +25,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from vit import ViTConfig, gflops
-from vit.data import DataConfig, read_dataset_index
+from vit.data import DataConfig, check_dataset, read_dataset_index
 from vit.finetune import FinetuneConfig
 from vit.loop import TrainConfig
 from workflows.pretrain import NAME_TAG, STAGE_TAG, Resources, Tracking, absolute_uri, load_yaml_config
@@ -171,8 +171,8 @@ def run_finetune(config: FinetuneSearchConfig, *, parent_run_id: str | None = No
     from workflows import tracking
 
     index = read_dataset_index(config.dataset)
-    for split in (config.train_split, config.val_split, config.test_split):
-        index.split(split)
+    # A dataset that cannot train a classifier fails here, naming it, before MLflow or Ray are touched.
+    check_dataset(index, train_split=config.train_split, eval_splits=[config.val_split, config.test_split])
     tracking_uri = config.tracking.uri or tracking.default_tracking_uri()
     pretrained = tracking.load_plain_model(tracking_uri, config.pretrained)
     for size in config.search.image_size:  # the resolutions must fit the pre-trained patch size

@@ -16,7 +16,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from vit import ViTConfig, decode_variant, gflops
-from vit.data import DataConfig, read_dataset_index
+from vit.data import DataConfig, check_dataset, read_dataset_index
 from vit.loop import TrainConfig
 from workflows.training import system_tags, train_worker
 
@@ -133,8 +133,8 @@ def run_pretrain(config: PretrainConfig, *, parent_run_id: str | None = None, co
     from workflows.evaluate import log_model_figures, preprocessing_of
 
     index = read_dataset_index(config.dataset)
-    for split in (config.train_split, config.val_split):
-        index.split(split)  # a missing split fails here, before any worker starts
+    # A dataset that cannot train a classifier fails here, naming it, before MLflow or Ray are touched.
+    check_dataset(index, train_split=config.train_split, eval_splits=[config.val_split])
     model_config = config.model.build(num_classes=index.num_classes)
     tracking_uri = config.tracking.uri or tracking.default_tracking_uri()
     run_id = tracking.find_run(tracking_uri, config.tracking.experiment, {NAME_TAG: config.name, STAGE_TAG: "pretrain"})

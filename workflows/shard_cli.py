@@ -145,12 +145,14 @@ def write(
     from rich.console import Console  # the heavy part (torch, Ray) only once the inputs check out
 
     from pipeline.report import summary_table
-    from pipeline.shards import write_shards
+    from pipeline.shards import StorageError, write_shards
 
     try:
         result = write_shards(opened, out, config, workers=workers, address=address, progress=progress)
     except ValueError as error:  # SourceError included: a table's bad split name, an unusable OUT
         fail(str(error))
+    except StorageError as error:  # OUT unwritable, full or over quota: fixable, then the same command resumes
+        fail(str(error), code=1)
     Console().print(summary_table(result))
 
 
