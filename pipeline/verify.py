@@ -37,6 +37,10 @@ class VerifyReport:
         return not self.damaged and not self.problems
 
 
+# What a sample may hold (docs/FORMAT.md): its label, its metadata and one image.
+_MEMBER_EXTENSIONS = frozenset({"cls", "json", "jpg", "jpeg", "png", "webp"})
+
+
 def _check_shard(path: Path, expected: ShardInfo, rows: Sequence[Mapping[str, Any]]) -> str | None:
     if not path.is_file():
         return "missing"
@@ -49,6 +53,8 @@ def _check_shard(path: Path, expected: ShardInfo, rows: Sequence[Mapping[str, An
     try:
         with tarfile.open(path, mode="r|") as tar:
             for member in tar:
+                if not member.isfile():  # a link or folder: never followed, never part of the format
+                    return f"member {member.name} is not a regular file"
                 key, _, extension = member.name.partition(".")
                 members[key][extension] = tar.extractfile(member).read()
     except (tarfile.TarError, OSError) as error:
@@ -57,11 +63,14 @@ def _check_shard(path: Path, expected: ShardInfo, rows: Sequence[Mapping[str, An
         return f"{len(members)} samples, expected {expected.num_samples}"
     by_key = {row["key"]: row for row in rows}
     for key, files in members.items():
+        foreign = sorted(ext for ext in files if ext not in _MEMBER_EXTENSIONS)
+        if foreign:  # the format holds nothing else; such members are never decoded (nor unpickled)
+            return f"sample {key} has members outside the format: {', '.join('.' + ext for ext in foreign)}"
         row = by_key.get(key)
         image = [data for ext, data in files.items() if ext not in ("cls", "json")]
         if row is None or len(image) != 1 or "cls" not in files or "json" not in files:
             return f"sample {key} is incomplete or not in manifest.parquet"
-        if hashlib.sha256(image[0]).hexdigest() != row["sha256"] or int(files["cls"]) != row["label"]:
+        if hashlib.sha256(image[0]).hexdigest() != row["sha256"] or files["cls"].strip() != str(row["label"]).encode():
             return f"sample {key} differs from manifest.parquet"
     return None
 

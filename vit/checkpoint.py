@@ -8,7 +8,11 @@ patch grid; the [class] token's embedding has no grid position and is kept as is
 from __future__ import annotations
 
 import math
+import pickle
+import re
 from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +24,27 @@ NUM_PREFIX_TOKENS = 1  # the [class] token
 
 # timm keys vitflow's ViT has no counterpart for: a clear error beats a silent drop.
 _UNSUPPORTED_TIMM_KEYS = ("reg_token", "fc_norm.weight", "attn_pool", "norm_pre.weight", "pre_logits")
+
+
+def load_weights_only(file: str | Path) -> Any:
+    """``torch.load(file, weights_only=True)`` on the CPU, its refusals as a ``ValueError`` naming the file.
+
+    Checkpoints and downloaded weights may come from anywhere: only tensors and primitive containers
+    load; a file that needs any other pickled object (a ``__reduce__`` that would run code) is refused
+    before anything in it runs. Never fall back to ``weights_only=False``.
+    """
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        # torch's message is a page long and suggests weights_only=False: keep only what it found.
+        found = re.search(r"WeightsUnpickler error: ([^\n]*?)(?: was not an allowed global| Please|\.\s|$)", str(error))
+        reason = found.group(1).strip() if found else str(error).splitlines()[0]
+        raise ValueError(f"{file}: refused to load: it holds more than tensors ({reason}); weights are loaded "
+                         "with weights_only=True, so no pickled object or code in it was run") from None
+    except (RuntimeError, EOFError, OSError) as error:
+        if isinstance(error, FileNotFoundError):
+            raise
+        raise ValueError(f"{file}: not a readable PyTorch weights file ({str(error).splitlines()[0]})") from None
 
 
 def resample_pos_embed(

@@ -8,6 +8,7 @@ patches. Names are decoded in one place, :func:`decode_variant`, in the spirit o
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import re
 from dataclasses import dataclass
 from typing import Literal
@@ -25,11 +26,19 @@ _VARIANT_NAME = re.compile(r"^(?P<size>[A-Za-z]+)/(?P<patch>\d+)$")
 
 
 def _pair(value: int | tuple[int, int]) -> tuple[int, int]:
-    if isinstance(value, int):
-        return (value, value)
-    if len(value) != 2:
-        raise ValueError(f"expected an int or a (height, width) pair, got {value!r}")
+    if _is_int(value):
+        return (int(value), int(value))
+    if not isinstance(value, (tuple, list)) or len(value) != 2 or not all(_is_int(v) for v in value):
+        raise ValueError(f"invalid ViTConfig: image_size must be an int or a (height, width) pair of ints, got {value!r}")
     return (int(value[0]), int(value[1]))
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -56,10 +65,17 @@ class ViTConfig:
         object.__setattr__(self, "image_size", _pair(self.image_size))
         problems = []
         for name in ("patch_size", "in_chans", "embed_dim", "depth", "num_heads"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+            if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
                 problems.append(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        if not isinstance(self.num_classes, int) or self.num_classes < 0:
+        if not _is_int(self.num_classes) or self.num_classes < 0:
             problems.append(f"num_classes must be an integer >= 0 (0: no head), got {self.num_classes!r}")
+        for name in ("mlp_ratio", "dropout", "attn_dropout", "drop_path"):
+            if not _is_number(getattr(self, name)):
+                problems.append(f"{name} must be a number, got {getattr(self, name)!r}")
+        if not isinstance(self.qkv_bias, bool):
+            problems.append(f"qkv_bias must be true or false, got {self.qkv_bias!r}")
+        if self.variant is not None and not isinstance(self.variant, str):
+            problems.append(f"variant must be a string, got {self.variant!r}")
         if problems:
             raise ValueError("invalid ViTConfig: " + "; ".join(problems))
         height, width = self.image_size
@@ -133,11 +149,11 @@ def decode_variant(name: str, **overrides) -> ViTConfig:
     """
     match = _VARIANT_NAME.match(name.strip()) if isinstance(name, str) else None
     if match is None:
-        raise ValueError(f"model variant {name!r} is not of the form SIZE/PATCH, e.g. 'B/16' or 'Ti/4'")
+        raise ValueError(f"variant {name!r} is not of the form SIZE/PATCH, e.g. 'B/16' or 'Ti/4'")
     size = match["size"]
     canonical = {k.lower(): k for k in VARIANTS}.get(size.lower())
     if canonical is None:
-        raise ValueError(f"unknown model size {size!r} in variant {name!r}; known sizes: {', '.join(VARIANTS)}")
+        raise ValueError(f"variant {name!r}: unknown model size {size!r} (known sizes: {', '.join(VARIANTS)})")
     fields = dict(VARIANTS[canonical], patch_size=int(match["patch"]), variant=f"{canonical}/{match['patch']}")
     fields.update(overrides)
     return ViTConfig(**fields)

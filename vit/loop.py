@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vit.checkpoint import load_weights_only
 from vit.data import DatasetError, derive_seed
 from vit.optim import OptimConfig, build_optimizer, build_schedule
 
@@ -212,8 +213,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """A checkpoint directory (or its ``checkpoint.pt``), loaded with ``weights_only=True`` on the CPU."""
     path = Path(path)
     file = path / CHECKPOINT_FILE if path.is_dir() else path
-    state = torch.load(file, map_location="cpu", weights_only=True)
-    if state.get("format") != CHECKPOINT_FORMAT or state.get("version") != CHECKPOINT_VERSION:
+    state = load_weights_only(file)  # never unpickles objects or code, whatever the file holds
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or state.get("version") != CHECKPOINT_VERSION:
         raise ValueError(f"{file}: not a {CHECKPOINT_FORMAT} v{CHECKPOINT_VERSION} checkpoint")
     return state
 

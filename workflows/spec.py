@@ -15,6 +15,7 @@ Relative paths resolve against the spec file's folder. Errors name the file, the
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,9 @@ from pipeline.config import ShardConfig
 from workflows.finetune import FinetuneSettings
 from workflows.pretrain import PretrainSettings, Tracking
 
-MODEL_URI = re.compile(r"^(models:/[^/@\s]+(/\d+|@[A-Za-z0-9_-]+)|models:/m-[0-9a-f]+|runs:/[0-9a-f]+/\S+)$")
+MODEL_URI = re.compile(r"models:/[^/@\s]+(/\d+|@[A-Za-z0-9_-]+)|models:/m-[0-9a-f]+|runs:/[0-9a-f]+/\S+")  # fullmatch
+# user:password@ in a URI: it would be logged with the resolved spec. Credentials come from the environment.
+CREDENTIALS_IN_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/@\s]*:[^/@\s]*@")
 
 
 class SpecError(ValueError):
@@ -107,25 +110,109 @@ class WorkflowSpec(BaseModel):
                 problems.append("evaluate.model: needed when the spec has no finetune stage")
             if self.evaluate.model is not None and not _is_model_reference(self.evaluate.model):
                 problems.append(f"evaluate.model: {self.evaluate.model!r} is not a model URI or an existing folder")
+        for where, uri in self._uris():
+            if "\0" in uri:
+                problems.append(f"{where}: holds a NUL character")
+            elif CREDENTIALS_IN_URI.match(uri):
+                problems.append(f"{where}: a password in the URI would be logged with the spec; give credentials "
+                                "through the environment (MLFLOW_TRACKING_USERNAME/PASSWORD, AWS_*, RAY_AUTH_TOKEN)")
         if not (self.preprocess or self.pretrain or self.finetune or self.evaluate):
             problems.append("the spec has no stages")
         if problems:
             raise ValueError("; ".join(problems))
         return self
 
+    def _uris(self) -> list[tuple[str, str]]:
+        """(key path, value) of every address or path the spec gives."""
+        found = [("workdir", self.workdir), ("tracking.uri", self.tracking.uri), ("ray.address", self.ray.address),
+                 ("storage_path", self.storage_path)]
+        for name, stage in self.preprocess.items():
+            found += [(f"preprocess.{name}.source", stage.source), (f"preprocess.{name}.out", stage.out)]
+        return [(where, value) for where, value in found if value]
+
 
 def _is_model_reference(value: str) -> bool:
-    return bool(MODEL_URI.match(value)) or Path(value).is_dir()
+    return bool(MODEL_URI.fullmatch(value)) or (bool(value.strip()) and Path(value).is_dir())
+
+
+def _location(parts) -> str:
+    return ".".join(str(part) for part in parts)
+
+
+@functools.cache
+def _key_names() -> frozenset[str]:
+    """Every key a spec may hold, at any depth (pydantic models and the vit config dataclasses)."""
+    import dataclasses
+    import typing
+
+    from vit import ViTConfig
+
+    names: set[str] = set()
+    pending: list[Any] = [WorkflowSpec, ViTConfig]
+    seen: set[Any] = set()
+    while pending:
+        kind = pending.pop()
+        if kind in seen:
+            continue
+        seen.add(kind)
+        if isinstance(kind, type) and issubclass(kind, BaseModel):
+            fields = {name: field.annotation for name, field in kind.model_fields.items()}
+        elif isinstance(kind, type) and dataclasses.is_dataclass(kind):
+            fields = typing.get_type_hints(kind)
+        else:
+            for argument in typing.get_args(kind):  # list[X], X | None, dict[str, X]
+                pending.append(argument)
+            continue
+        names.update(fields)
+        pending.extend(fields.values())
+    return frozenset(names)
+
+
+def _problems(where: tuple, message: str) -> list[tuple[str, str]]:
+    """A validator's message -> (key path, reason) pairs. Our validators name keys at the start of each
+    problem ("batch_size must be ...", "finetune.pretrained: ...", "bogus: unknown key") and join
+    problems with "; "; the vit config dataclasses prefix them with "invalid DataConfig: "."""
+    keys = _key_names()
+    message = re.sub(r"^invalid [A-Za-z]+Config: ", "", message)
+
+    def named_key(part: str) -> tuple[str, str] | None:
+        match = re.match(r"([A-Za-z_][\w.]*)(: | )", part)
+        if match is None:
+            return None
+        key, separator = match.group(1), match.group(2)
+        if separator == ": " or key.split(".")[0] in keys:
+            return key, part[match.end():] if separator == ": " else part
+        return None
+
+    parts: list[str] = []
+    for part in message.split("; "):
+        if parts and named_key(part) is None:
+            parts[-1] += f"; {part}"  # a reason that itself holds "; "
+        else:
+            parts.append(part)
+    base = _location(where)
+    result = []
+    for part in parts:
+        named = named_key(part)
+        if named is None:
+            result.append((base or "(top level)", part))
+        else:
+            result.append((f"{base}.{named[0]}" if base else named[0], named[1]))
+    return result
 
 
 def _format_errors(path: Path, error: ValidationError) -> str:
-    lines = [f"{path}: invalid workflow spec ({error.error_count()} problem{'s' if error.error_count() > 1 else ''})"]
+    found: list[tuple[str, str]] = []
     for problem in error.errors():
-        where = ".".join(str(part) for part in problem["loc"]) or "(top level)"
-        message = problem["msg"].removeprefix("Value error, ")
-        if problem["type"] == "extra_forbidden":
-            message = "unknown key"
-        lines.append(f"  {where}: {message}")
+        if problem["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
+            found.append((_location(problem["loc"]), "unknown key"))
+        elif problem["type"] == "value_error":
+            found += _problems(problem["loc"], problem["msg"].removeprefix("Value error, "))
+        else:
+            found.append((_location(problem["loc"]) or "(top level)", problem["msg"]))
+    found = list(dict.fromkeys(found))
+    lines = [f"{path}: invalid workflow spec ({len(found)} problem{'s' if len(found) > 1 else ''})"]
+    lines += [f"  {where}: {message}" for where, message in found]
     return "\n".join(lines)
 
 
@@ -144,9 +231,11 @@ def load_spec(path: str | Path) -> tuple[WorkflowSpec, Path]:
     if not path.is_file():
         raise SpecError(f"{path}: no such file")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as error:
         raise SpecError(f"{path}: not valid YAML: {error}") from None
+    except UnicodeDecodeError as error:
+        raise SpecError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
     base = path.resolve().parent
     return parse_spec(_resolve_paths(data, base), path), base
 
@@ -158,7 +247,8 @@ def _resolve_paths(data: Any, base: Path) -> Any:
     data = dict(data)
 
     def absolute(value):
-        if isinstance(value, str) and "://" not in value and not value.startswith(("models:/", "runs:/")):
+        if (isinstance(value, str) and "://" not in value and "\0" not in value
+                and not value.startswith(("models:/", "runs:/"))):
             return str((base / value).resolve())
         return value
 
@@ -172,6 +262,7 @@ def _resolve_paths(data: Any, base: Path) -> Any:
                     stage[key] = absolute(stage[key])
     for section, key in (("finetune", "pretrained"), ("evaluate", "model")):
         stage = data.get(section)
-        if isinstance(stage, dict) and isinstance(stage.get(key), str) and not stage[key].startswith(("models:/", "runs:/")):
+        if (isinstance(stage, dict) and isinstance(stage.get(key), str) and stage[key].strip()
+                and not stage[key].startswith(("models:/", "runs:/"))):
             stage[key] = absolute(stage[key])
     return data
