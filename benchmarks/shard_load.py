@@ -1,7 +1,7 @@
 """Sharding under load: 200,000 tiny generated images. Prints the peak RSS of the driver and of each Ray
 worker, whether memory stays flat over the run, and the throughput of the first vs the last 10%.
 
-    flock /tmp/vitflow-ray.lock python benchmarks/shard_load.py           # 200,000 8x8 PNGs, 2 Ray workers
+    flock /tmp/vitflow-ray.lock python benchmarks/shard_load.py --tmp /dev/shm   # 200,000 8x8 PNGs, 2 Ray workers
     python benchmarks/shard_load.py --images 20000 --workers 0            # a quick look, no Ray
     flock /tmp/vitflow-ray.lock python benchmarks/shard_load.py --source parquet   # one HF-layout table
 
@@ -15,7 +15,9 @@ its shard is finished, so the receipts' mtimes, sorted, give images finished aga
 is the first tenth of the shards to finish, the last 10% the last tenth; each rate is the images of that
 tenth (less its first shard) over the time from its first to its last finish, so Ray's start and the
 workers' torch import are not counted against the first tenth. The ratio last/first is what the issue
-bounds (within 10%: 0.9-1.1).
+bounds (within 10%: 0.9-1.1). Wall-clock rates move with whatever else the machine runs, so the same
+ratio is also given per CPU-second of this process tree (driver, raylet, workers; sampled from /proc),
+which other load hardly moves (as in ``shard_throughput.py``).
 
 Memory: a thread samples VmRSS of this process and of every descendant (raylet, GCS, Ray workers) from
 /proc every 0.25 s; peaks are VmHWM where the process still exists at the end, else the highest sample.
@@ -83,6 +85,16 @@ def _status(pid: int) -> dict[str, int]:
     return fields
 
 
+def _cpu_seconds(pid: int) -> float:
+    """user + system CPU time of one process so far (0 when it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _descendants(root: int) -> dict[int, str]:
     """pid -> name of every descendant of ``root`` (by /proc's parent links)."""
     parent_of, name_of = {}, {}
@@ -123,7 +135,9 @@ class MemorySampler(threading.Thread):
             rss = {pid: _status(pid).get("VmRSS", 0) for pid in children}
             for pid, value in rss.items():
                 self.peaks[pid] = max(self.peaks.get(pid, 0), value)
-            self.samples.append((time.time(), _status(me).get("VmRSS", 0), rss))
+            # Less this thread's own CPU: walking /proc costs more the more processes the machine runs.
+            cpu = _cpu_seconds(me) + sum(_cpu_seconds(pid) for pid in children) - time.thread_time()
+            self.samples.append((time.time(), _status(me).get("VmRSS", 0), rss, cpu))
             self._finished.wait(self.every_s)
 
     def stop(self) -> None:
@@ -133,14 +147,15 @@ class MemorySampler(threading.Thread):
         self.join()
 
 
-def decile_rates(receipts: list[tuple[float, int]]) -> tuple[float, float]:
-    """(images/s of the first tenth of the shards to finish, of the last tenth); see the module docstring."""
+def decile_rates(receipts: list[tuple[float, int]], clock=lambda moment: moment) -> tuple[float, float]:
+    """(images per second of the first tenth of the shards to finish, of the last tenth), seconds as
+    ``clock`` counts them at each finish: wall time by default; see the module docstring."""
     n = len(receipts)
     k = max(2, n // 10)
     first, last = receipts[:k], receipts[-k:]
 
     def rate(part: list[tuple[float, int]]) -> float:
-        return sum(samples for _, samples in part[1:]) / max(part[-1][0] - part[0][0], 1e-9)
+        return sum(samples for _, samples in part[1:]) / max(clock(part[-1][0]) - clock(part[0][0]), 1e-9)
 
     return rate(first), rate(last)
 
@@ -157,11 +172,13 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="Ray workers; 0: in this process, no Ray")
     parser.add_argument("--shard-samples", type=int, default=2_000)
     parser.add_argument("--keep", action="store_true", help="keep the generated corpus and shards")
+    parser.add_argument("--tmp", help="where to generate the corpus and write shards (default: the system's "
+                        "temp folder; /dev/shm keeps disk speed out of it, and deleting 200,000 files fast)")
     args = parser.parse_args()
 
     from pipeline import ShardConfig, write_shards
 
-    base = Path(tempfile.mkdtemp(prefix="vitflow-shard-load-"))
+    base = Path(tempfile.mkdtemp(prefix="vitflow-shard-load-", dir=args.tmp))
     try:
         started = time.perf_counter()
         make = generate_folder if args.source == "folder" else generate_parquet
@@ -186,10 +203,17 @@ def main() -> None:
         )
         sharding_end = receipts[-1][0]  # after it: assembling the manifests
         first_rate, last_rate = decile_rates(receipts)
+
+        def cpu_at(moment: float) -> float:  # CPU seconds of the process tree at the sample nearest ``moment``
+            return min(sampler.samples, key=lambda sample: abs(sample[0] - moment))[3]
+
+        first_cpu, last_cpu = decile_rates(receipts, cpu_at)
         print(f"sharded {result.num_sharded:,} of {result.num_inputs:,} inputs into {len(receipts)} shards in "
               f"{result.seconds:.1f} s ({result.images_per_second:,.0f} images/s overall, Ray start included)")
         print(f"throughput: first 10% {first_rate:,.0f} images/s, last 10% {last_rate:,.0f} images/s, "
-              f"ratio last/first {last_rate / first_rate:.3f}")
+              f"ratio last/first {last_rate / first_rate:.3f} (wall clock)")
+        print(f"per CPU-second of this process tree: first 10% {first_cpu:,.0f} images, last 10% {last_cpu:,.0f} "
+              f"images, ratio last/first {last_cpu / first_cpu:.3f} (what other load on the machine does not move)")
 
         window = (receipts[0][0], sharding_end)  # from the first finished shard to the last
         tenth = (window[1] - window[0]) / 10
@@ -208,6 +232,8 @@ def main() -> None:
             return sum(v for pid, v in sample[2].items() if is_worker(pid))
 
         for label, pick in (("driver", driver), ("Ray workers (sum)", workers)):
+            if label != "driver" and args.workers == 0:
+                continue
             early = mean_rss(pick, window[0], window[0] + tenth)
             late = mean_rss(pick, window[1] - tenth, window[1])
             print(f"{label}: mean RSS first 10% {mib(early)}, last 10% {mib(late)} (x{late / early:.2f})")

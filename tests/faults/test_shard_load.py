@@ -36,7 +36,7 @@ def test_the_writers_memory_does_not_grow_with_the_images_sharded(tmp_path):
     assert len(finished) == 64
 
     def peak_until(moment: float) -> int:  # the highest RSS so far: robust to what the collector gives back
-        return max(rss for at, rss, _ in sampler.samples if at <= moment)
+        return max(rss for at, rss, *_ in sampler.samples if at <= moment)
 
     early, late = finished[len(finished) // 5][0], finished[len(finished) * 9 // 10][0]
     growth = peak_until(late) - peak_until(early)  # over 70% of the corpus: 42,000 images
