@@ -95,15 +95,54 @@ def _load_stage_config(path: Path, loader):
         fail(f"{path}: not valid YAML\n{error}")
 
 
+def _preflight(config: Path | None, dataset_key: str, dataset: str, tracking_key: str, tracking_uri: str | None) -> None:
+    """Before a stage command starts Ray or opens a run: its dataset reads and its tracking server answers
+    (MLflow's client would retry an unreachable server for minutes)."""
+    from vit.data import DataError, read_dataset_index
+    from workflows.preflight import PreflightError, check_tracking
+    from workflows.tracking import TrackingUnavailable
+
+    where = f"{config}: " if config else ""
+    try:
+        read_dataset_index(dataset)
+    except DataError as error:
+        fail(f"{where}{dataset_key}: {error}")
+    try:
+        if tracking_uri:
+            check_tracking(tracking_uri, key=tracking_key)
+    except PreflightError as error:
+        fail(f"{where}{error}")
+    except TrackingUnavailable as error:
+        fail(f"{where}{error}", code=3)
+
+
 @app.command()
-def validate(spec: Path = typer.Argument(..., help="a workflow spec (YAML)")) -> None:
-    """Check a workflow spec without running it: unknown keys, wrong types, impossible values."""
+def validate(
+    spec: Path = typer.Argument(..., help="a workflow spec (YAML)"),
+    offline: bool = typer.Option(False, "--offline", help="check the spec alone, not that its corpora exist, its "
+                                 "servers answer and its models are registered (e.g. a spec for a cluster)"),
+) -> None:
+    """Check a workflow spec without running it: unknown keys, wrong types, impossible values; then that its
+    corpora exist, its tracking server and Ray cluster answer and the models it names are registered."""
     from workflows.spec import SpecError, load_spec
 
     try:
         loaded, _ = load_spec(spec)
     except SpecError as error:
         fail(str(error))
+    if not offline:
+        import os
+
+        from workflows.preflight import PreflightError
+        from workflows.runner import WorkflowRunner
+        from workflows.tracking import TrackingUnavailable
+
+        try:
+            WorkflowRunner(loaded).preflight(ray_address=loaded.ray.address or os.environ.get("RAY_ADDRESS"))
+        except PreflightError as error:
+            fail(f"{spec}: {error}")
+        except TrackingUnavailable as error:
+            fail(f"{spec}: {error}", code=3)
     stages = [f"preprocess:{name}" for name in loaded.preprocess] + [
         s for s in ("pretrain", "finetune", "evaluate") if getattr(loaded, s) is not None]
     typer.echo(f"{spec}: valid workflow {loaded.name!r} with stages {', '.join(stages)}")
@@ -119,8 +158,10 @@ def run(
 
     Finished stages whose configuration, inputs and code are unchanged are reused; a killed workflow
     run again continues where it stopped."""
+    from workflows.local_ray import DriverBusyError
     from workflows.runner import LiveView, WorkflowRunner
     from workflows.spec import SpecError, load_spec
+    from workflows.tracking import TrackingUnavailable
 
     try:
         loaded, _ = load_spec(spec)
@@ -131,8 +172,10 @@ def run(
         runner.on_event = view.event
         try:
             results = runner.run(spec_text=spec.read_text())
-        except (FileNotFoundError, ValueError) as error:
+        except (FileNotFoundError, ValueError, DriverBusyError) as error:
             fail(f"{spec}: {error}", code=1)
+        except TrackingUnavailable as error:
+            fail(str(error), code=3)
     for name, result in results.items():
         shown = result.model_uri or result.dataset_uri or ""
         metrics = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items() if "top1" in k)
@@ -148,11 +191,13 @@ def finetune(
     """Fine-tune a pre-trained ViT with a Ray Tune search over resolution and learning rate; register the
     best trial as vit-finetuned (alias champion when it beats the current one on the same test split)."""
     from workflows.finetune import load_config, run_finetune
+    from workflows.local_ray import DriverBusyError
 
     settings = _load_stage_config(config, load_config)
+    _preflight(config, "dataset", settings.dataset, "tracking.uri", settings.tracking.uri)
     try:
         result = run_finetune(settings, parent_run_id=parent_run_id)
-    except (FileNotFoundError, ValueError) as error:
+    except (FileNotFoundError, ValueError, DriverBusyError) as error:
         fail(f"{config}: {error}")
     typer.echo(f"best trial run: {result.best_run_id}; test top-1 {result.test_top1:.4f}")
     if result.version:
@@ -175,6 +220,7 @@ def evaluate(
 
     from workflows.evaluate import EvaluateConfig, run_evaluate
 
+    _preflight(None, "DATASET", str(dataset), "--tracking-uri", tracking_uri)
     try:
         settings = EvaluateConfig(model=model, dataset=str(dataset), split=split, batch_size=batch_size,
                                   tracking={"uri": tracking_uri, "experiment": experiment})
@@ -197,19 +243,43 @@ def pretrain(
     """Pre-train a ViT on Ray Train from shards; log to MLflow and register it as vit-pretrained.
 
     Running again with the same `name` resumes an interrupted run from its last checkpoint."""
+    from workflows.local_ray import DriverBusyError, embedded_ray
     from workflows.pretrain import load_config, run_pretrain
 
     settings = _load_stage_config(config, load_config)
+    _preflight(config, "dataset", settings.dataset, "tracking.uri", settings.tracking.uri)
     try:
-        result = run_pretrain(settings, parent_run_id=parent_run_id)
-    except (FileNotFoundError, ValueError) as error:
+        with embedded_ray(settings.storage_path):
+            result = run_pretrain(settings, parent_run_id=parent_run_id)
+    except (FileNotFoundError, ValueError, DriverBusyError) as error:
         fail(f"{config}: {error}")
+    if result.offline:
+        fail(f"pre-training finished, but MLflow was unreachable: the model is in {result.offline}; "
+             f"upload it with `vitflow upload {result.offline}`", code=3)
     typer.echo(f"model: {result.model_uri}")
     if result.version:
         typer.echo(f"registered: models:/{result.registered_name}/{result.version}")
     for key in ("val/top1", "val/top5", "val/loss"):
         if key in result.metrics:
             typer.echo(f"{key}: {result.metrics[key]:.4f}")
+
+
+@app.command()
+def upload(
+    bundle: Path = typer.Argument(..., help="an offline bundle a stage kept when MLflow was unreachable"),
+    tracking_uri: str | None = typer.Option(None, help="send it here instead of the tracking URI it was meant for"),
+) -> None:
+    """Send what a stage kept while the MLflow server was unreachable: its unsent metrics and its model
+    (logged to its run and registered). Safe to run again."""
+    from workflows.tracking import TrackingUnavailable, upload_offline
+
+    try:
+        done = upload_offline(bundle, tracking_uri)
+    except (FileNotFoundError, TrackingUnavailable) as error:
+        fail(str(error), code=1)
+    typer.echo(f"run {done.run_id}: {done.metrics} metrics sent, model {done.model_uri}")
+    if done.version:
+        typer.echo(f"registered: models:/{done.registered_name}/{done.version}")
 
 
 # --- cluster commands: Ray Jobs API (workflows.jobs) and the MLflow UI (workflows.ui) ---

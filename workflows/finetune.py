@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
 
 from vit import ViTConfig, gflops
 from vit.data import DataConfig, check_dataset, read_dataset_index
@@ -61,7 +61,7 @@ class Scheduler(BaseModel):
 class SearchConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    image_size: list[int] = Field(..., min_length=1, description="fine-tuning resolutions to choose from")
+    image_size: list[PositiveInt] = Field(..., min_length=1, description="fine-tuning resolutions to choose from")
     lr: LogUniform
     choices: dict[str, list[Any]] = Field(default_factory=dict, description="more fields by dotted name, e.g. train.label_smoothing")
     num_samples: int = Field(4, ge=1)
@@ -77,9 +77,9 @@ class SearchConfig(BaseModel):
         for name, values in choices.items():
             section, _, key = name.partition(".")
             if section not in ("data", "train", "optim", "finetune") or not key:
-                raise ValueError(f"{name!r}: choices name fields as data.X, train.X, optim.X or finetune.X")
+                raise ValueError(f"{name}: choices name fields as data.X, train.X, optim.X or finetune.X")
             if not values:
-                raise ValueError(f"{name!r}: give at least one value")
+                raise ValueError(f"{name}: give at least one value")
         return choices
 
 
@@ -166,9 +166,8 @@ def trial_configs(config: FinetuneSearchConfig, params: dict[str, Any], model: V
 
 
 def run_finetune(config: FinetuneSearchConfig, *, parent_run_id: str | None = None) -> FinetuneResult:
-    import ray
-
     from workflows import tracking
+    from workflows.local_ray import embedded_ray
 
     index = read_dataset_index(config.dataset)
     # A dataset that cannot train a classifier fails here, naming it, before MLflow or Ray are touched.
@@ -194,21 +193,14 @@ def run_finetune(config: FinetuneSearchConfig, *, parent_run_id: str | None = No
     else:
         tracking.reopen_run(tracking_uri, search_run_id)
 
-    started_here = not ray.is_initialized()
-    if started_here:
-        # The dashboard is not optional here: Ray Train V2's PlacementGroupCleaner asks its State API
-        # whether a trial's controller died (ASHA stops trials); without it their CPUs are never freed.
-        ray.init(resources={TRIAL_DRIVER_RESOURCE: config.search.max_concurrent_trials}, include_dashboard=True,
-                 logging_level="WARNING")
-    try:
-        grid = _search(config, pretrained, index, tracking_uri, search_run_id)
-        result = _conclude(config, grid, pretrained, index, tracking_uri, search_run_id)
-    except Exception:
-        tracking.end_run(tracking_uri, search_run_id, status="FAILED")
-        raise
-    finally:
-        if started_here:
-            ray.shutdown()
+    # This search's own Ray unless one is running (a workflow's, a cluster's): see workflows.local_ray.
+    with embedded_ray(config.storage_path, resources={TRIAL_DRIVER_RESOURCE: config.search.max_concurrent_trials}):
+        try:
+            grid = _search(config, pretrained, index, tracking_uri, search_run_id)
+            result = _conclude(config, grid, pretrained, index, tracking_uri, search_run_id)
+        except Exception:
+            tracking.end_run(tracking_uri, search_run_id, status="FAILED")
+            raise
     tracking.end_run(tracking_uri, search_run_id)
     return result
 
@@ -224,7 +216,9 @@ def _search(config: FinetuneSearchConfig, pretrained, index, tracking_uri: str, 
         "lr": tune.loguniform(config.search.lr.min, config.search.lr.max),
         **{name: tune.choice(values) for name, values in config.search.choices.items()},
     }
-    search_alg = None
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    search_alg = BasicVariantGenerator(random_state=config.search.seed)  # random search, reproducible
     if config.search.search_alg == "optuna":
         try:
             from ray.tune.search.optuna import OptunaSearch
@@ -248,9 +242,11 @@ def _search(config: FinetuneSearchConfig, pretrained, index, tracking_uri: str, 
     trainable = tune.with_resources(tune.with_parameters(run_trial, shared=shared), _trial_resources())
     storage = absolute_uri(config.storage_path)
     path = f"{storage.rstrip('/')}/{config.name}"
-    if Tuner.can_restore(path):  # an interrupted search resumes: finished trials are kept
+    if Tuner.can_restore(path):
+        # An interrupted search resumes: finished trials are kept, unfinished ones continue from their
+        # last checkpoint; trials that failed (after their retries) stay failed.
         log.info("resuming search %s from %s", config.name, path)
-        tuner = Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
+        tuner = Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False)
     else:
         tuner = Tuner(
             trainable,
@@ -287,21 +283,34 @@ def run_trial(params: dict[str, Any], shared: dict[str, Any]) -> None:
 
     config = FinetuneSearchConfig.model_validate(shared["config"])
     pretrained = ViTConfig.from_dict(shared["pretrained"]["config"])
-    sections = trial_configs(config, params, pretrained, shared["num_classes"])
     trial_id = tune.get_context().get_trial_id()
     uri = shared["tracking_uri"]
     tags = {STAGE_TAG: "finetune-trial", "vitflow.trial_id": trial_id, "vitflow.search_run_id": shared["search_run_id"]}
     run_id = tracking.find_run(uri, config.tracking.experiment, tags)
-    if run_id is None:  # a restored search re-enters its trials: keep one MLflow run per trial
+    fresh = run_id is None
+    if fresh:  # a restored (or retried) trial re-enters: keep one MLflow run per trial
         run_id = tracking.start_run(uri, config.tracking.experiment, f"{config.name}-{trial_id}",
                                     parent_run_id=shared["search_run_id"], tags=tags)
+    else:
+        tracking.reopen_run(uri, run_id)
+
+    def failed(error: BaseException) -> None:  # every trial is on record, a failed one with its reason
+        tracking.set_tags(uri, run_id, {"vitflow.error": f"{type(error).__name__}: {error}"[:5000]})
+        tracking.end_run(uri, run_id, status="FAILED")
+
+    try:
+        sections = trial_configs(config, params, pretrained, shared["num_classes"])
+    except ValueError as error:  # a combination of the search space the configuration rejects
+        if fresh:
+            tracking.log_params(uri, run_id, dict(params))
+        failed(error)
+        raise ValueError(f"trial {trial_id} {dict(params)}: {error}") from None
+    if fresh:
         target = ViTConfig.from_dict(sections["model"])
         tracking.log_params(uri, run_id, {**{k: v for k, v in params.items()}, "model": sections["model"],
                                           "data": sections["data"], "train": sections["train"],
                                           "finetune": sections["finetune"], "gflops_per_image": round(gflops(target), 4),
                                           "pretrained": shared["pretrained"]["uri"]})
-    else:
-        tracking.reopen_run(uri, run_id)
     resources = config.resources
     trainer = TorchTrainer(
         train_worker,
@@ -315,6 +324,7 @@ def run_trial(params: dict[str, Any], shared: dict[str, Any]) -> None:
             "run_id": run_id,
             "pretrained": shared["pretrained"],
             "report_validation_only": True,  # every Tune result carries val/top1 (ASHA's metric)
+            "run_storage": f"{absolute_uri(config.storage_path).rstrip('/')}/{config.name}-trials/{config.name}-{trial_id}",
         },
         scaling_config=ScalingConfig(
             num_workers=resources.num_workers, use_gpu=resources.use_gpu,
@@ -330,8 +340,8 @@ def run_trial(params: dict[str, Any], shared: dict[str, Any]) -> None:
     )
     try:
         trainer.fit()
-    except Exception:
-        tracking.end_run(uri, run_id, status="FAILED")
+    except Exception as error:  # e.g. a non-finite loss (vit.loop stops at once) or a worker that died
+        failed(error)
         raise
     tracking.end_run(uri, run_id)
 

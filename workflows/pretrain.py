@@ -5,15 +5,21 @@ Fault tolerance is Ray Train's: ``FailureConfig(max_failures)`` replaces a faile
 training function resumes from ``ray.train.get_checkpoint()``. A rerun with the same ``name`` and
 ``storage_path`` resumes the same Ray Train run (its snapshot holds the latest checkpoint) and logs into
 the same MLflow run, so an interrupted pre-training picks up where it stopped.
+
+A tracking server that goes away does not stop training: metrics are buffered and sent when it is back.
+If it is still away when training ends, the model and the unsent metrics are kept beside the
+checkpoints (``<storage>/<name>/mlflow-offline``) and ``vitflow upload`` sends them later.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from vit import ViTConfig, decode_variant, gflops
 from vit.data import DataConfig, check_dataset, read_dataset_index
@@ -32,6 +38,17 @@ class ModelSpec(BaseModel):
     variant: str = "Ti/16"
     image_size: int | tuple[int, int] = 224
 
+    @field_validator("image_size", mode="before")
+    @classmethod
+    def _size(cls, value: Any) -> Any:
+        """One clear error, not one per member of the union (``image_size.int``, ``image_size.tuple[...]``)."""
+        def is_int(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        if not (is_int(value) or (isinstance(value, (list, tuple)) and len(value) == 2 and all(map(is_int, value)))):
+            raise ValueError(f"must be an int or a (height, width) pair of ints, got {value!r}")
+        return value
+
     @model_validator(mode="after")
     def _decodes(self) -> ModelSpec:
         self.build(num_classes=1)
@@ -43,10 +60,10 @@ class ModelSpec(BaseModel):
     def build(self, num_classes: int) -> ViTConfig:
         if "num_classes" in self.overrides():
             raise ValueError("num_classes is taken from the dataset; leave it out of the model section")
-        try:
-            return decode_variant(self.variant, image_size=self.image_size, num_classes=num_classes, **self.overrides())
-        except TypeError as error:  # an unknown override name
-            raise ValueError(f"unknown model option: {error}") from None
+        unknown = sorted(set(self.overrides()) - {field.name for field in dataclasses.fields(ViTConfig)})
+        if unknown:  # "KEY: reason", so the spec's error names the key's path
+            raise ValueError("; ".join(f"{key}: unknown model option (not a ViTConfig field)" for key in unknown))
+        return decode_variant(self.variant, image_size=self.image_size, num_classes=num_classes, **self.overrides())
 
 
 class Resources(BaseModel):
@@ -62,6 +79,9 @@ class Tracking(BaseModel):
 
     uri: str | None = None  # default: an SQLite store under the working directory
     experiment: str = "vitflow"
+    offline_after_s: float = Field(
+        120, ge=0, description="at the end of training, how long to wait for an unreachable tracking server "
+        "before keeping the model and metrics locally for `vitflow upload`")
 
 
 class PretrainSettings(BaseModel):
@@ -110,6 +130,7 @@ class PretrainResult:
     version: str | None
     dataset_fingerprint: str
     metrics: dict[str, float]
+    offline: str | None = None  # the tracking server was away: what to `vitflow upload` (model_uri is local)
 
 
 def load_yaml_config(path: str | Path, model: type[BaseModel]):
@@ -170,6 +191,8 @@ def run_pretrain(config: PretrainConfig, *, parent_run_id: str | None = None, co
         "class_names": list(index.class_names),
         "tracking_uri": tracking_uri,
         "run_id": run_id,
+        "offline_dir": offline_dir(storage, config.name),
+        "run_storage": f"{storage.rstrip('/')}/{config.name}",
         "fail_at_step": config.fail_at_step,
         "fault_marker": f"{Path(config.storage_path).resolve()}/{config.name}.fault-injected" if config.fail_at_step else None,
     }
@@ -197,20 +220,41 @@ def run_pretrain(config: PretrainConfig, *, parent_run_id: str | None = None, co
         raise RuntimeError(f"pre-training run {config.name!r} ended without a checkpoint")
     model = _final_model(result.checkpoint)
     metrics = {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}  # the final report's
-    logged = tracking.log_vit_model(tracking_uri, run_id, model, list(index.class_names),
-                                    preprocessing=preprocessing_of(config.data))
-    log_model_figures(tracking_uri, run_id, model, config.dataset, config.val_split, config.data)
-    version = None
-    if config.register_as:
-        tags = {
-            "variant": model_config.variant or "custom",
-            "image_size": model_config.image_size[0],
-            "dataset_fingerprint": index.fingerprint,
-            "steps": config.train.total_steps,
-            **{f"final.{k}": round(v, 5) for k, v in metrics.items() if k.startswith("val/")},
-        }
-        version = tracking.register_model(tracking_uri, logged.model_uri, config.register_as, tags, run_id)
-    tracking.end_run(tracking_uri, run_id)
+    tags = {
+        "variant": model_config.variant or "custom",
+        "image_size": model_config.image_size[0],
+        "dataset_fingerprint": index.fingerprint,
+        "steps": config.train.total_steps,
+        **{f"final.{k}": round(v, 5) for k, v in metrics.items() if k.startswith("val/")},
+    }
+    offline = Path(worker_config["offline_dir"])
+    try:
+        if not tracking.wait_reachable(tracking_uri, config.tracking.offline_after_s):
+            raise tracking.TrackingUnavailable(f"no answer for {config.tracking.offline_after_s:.0f} s")
+        if (offline / tracking.OFFLINE_METRICS).is_file():  # metrics training could not send: send them now
+            for spilled_run, spilled in tracking.read_spilled_metrics(offline / tracking.OFFLINE_METRICS).items():
+                tracking.send_metrics(tracking_uri, spilled_run, spilled)
+            (offline / tracking.OFFLINE_METRICS).unlink()
+        logged = tracking.log_vit_model(tracking_uri, run_id, model, list(index.class_names),
+                                        preprocessing=preprocessing_of(config.data))
+        log_model_figures(tracking_uri, run_id, model, config.dataset, config.val_split, config.data)
+        version = None
+        if config.register_as:
+            version = tracking.register_model(tracking_uri, logged.model_uri, config.register_as, tags, run_id)
+        tracking.end_run(tracking_uri, run_id)
+    except Exception as error:
+        if not tracking.is_unreachable(error, tracking_uri):
+            raise
+        # Training is done and must not be lost to a tracking outage: keep the model for `vitflow upload`.
+        bundle = tracking.save_offline(offline, tracking_uri=tracking_uri, run_id=run_id, model=model,
+                                       class_names=list(index.class_names), preprocessing=preprocessing_of(config.data),
+                                       register_as=config.register_as, tags=tags, stage="pretrain")
+        print(f"MLflow at {tracking_uri} is unreachable ({error}). Pre-training finished; its checkpoints are in "
+              f"{storage}/{config.name} and the model and unsent metrics in {bundle}. When the server is back, "
+              f"upload them with: vitflow upload {bundle}", flush=True)
+        return PretrainResult(run_id=run_id, model_uri=str(bundle / "model"), registered_name=config.register_as,
+                              version=None, dataset_fingerprint=index.fingerprint, metrics=metrics,
+                              offline=str(bundle))
     return PretrainResult(run_id=run_id, model_uri=logged.model_uri, registered_name=config.register_as,
                           version=version, dataset_fingerprint=index.fingerprint, metrics=metrics)
 
@@ -224,6 +268,14 @@ def _final_model(checkpoint):
     model = VisionTransformer(ViTConfig.from_dict(state["model_config"]))
     model.load_state_dict(state["model"])
     return model
+
+
+def offline_dir(storage: str, name: str) -> str:
+    """Where a run keeps what the tracking server could not take (see ``tracking.save_offline``): beside
+    its checkpoints when storage is a local path, else in this machine's temp folder."""
+    if "://" in storage:
+        return str(Path(tempfile.gettempdir()) / "vitflow-offline" / name)
+    return str(Path(storage) / name / "mlflow-offline")
 
 
 def absolute_uri(path: str) -> str:

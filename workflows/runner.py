@@ -14,8 +14,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
 import subprocess
 import threading
@@ -31,6 +33,9 @@ STAGE_ORDER = ("preprocess", "pretrain", "finetune", "evaluate")
 FINGERPRINT_TAG = "vitflow.stage_fingerprint"
 RESULT_TAG = "vitflow.result"
 WORKFLOW_TAG = "vitflow.workflow"
+WORKDIR_TAG = "vitflow.workdir"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -115,35 +120,58 @@ class WorkflowRunner:
 
     # --- the whole run ---------------------------------------------------------------------------
 
+    def preflight(self, ray_address: str | None = None) -> None:
+        """Seconds of checks before any work: corpora exist, the tracking server (and ``ray_address``)
+        answer, the models the spec names are registered. Raises ``PreflightError`` or
+        ``TrackingUnavailable`` naming the key."""
+        from workflows.preflight import check_workflow
+
+        check_workflow(self.spec, self.tracking_uri, ray_address)
+
     def run(self, spec_text: str = "") -> dict[str, StageResult]:
         import ray
 
-        from workflows import tracking
         from workflows.finetune import TRIAL_DRIVER_RESOURCE
+        from workflows.local_ray import embedded_ray
 
+        self.preflight(ray_address=None if ray.is_initialized() else self.spec.ray.address or os.environ.get("RAY_ADDRESS"))
         self.workdir.mkdir(parents=True, exist_ok=True)
+        with contextlib.ExitStack() as stack:
+            if not ray.is_initialized():
+                # A loaded machine can take longer than Ray Train's 60 s default to start a worker group.
+                os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
+                address = self.spec.ray.address or os.environ.get("RAY_ADDRESS")  # set for Ray Jobs drivers
+                if address:
+                    ray.init(address=address, logging_level="WARNING")
+                    stack.callback(ray.shutdown)
+                else:
+                    # The workflow's own Ray (and driver lock): a rerun after a killed driver first stops
+                    # what that driver's Ray left behind.
+                    concurrency = self.spec.finetune.search.max_concurrent_trials if self.spec.finetune else 1
+                    stack.enter_context(embedded_ray(self.workdir, num_cpus=self.spec.ray.num_cpus,
+                                                     resources={TRIAL_DRIVER_RESOURCE: concurrency}))
+            return self._run_tracked(spec_text)
+
+    def _run_tracked(self, spec_text: str) -> dict[str, StageResult]:
+        from workflows import tracking
+
         experiment = self.spec.tracking.experiment
         tracking.ensure_experiment(experiment, self.tracking_uri)
-        self.parent = tracking.start_run(self.tracking_uri, experiment, self.spec.name,
-                                         tags={WORKFLOW_TAG: self.spec.name, "vitflow.code_version": self.code})
+        here = {WORKFLOW_TAG: self.spec.name, WORKDIR_TAG: str(self.workdir.resolve())}
+        # Executions of this workflow still RUNNING belong to a driver that died (this one holds the
+        # working directory's lock): close them, and link this execution to the one it continues.
+        dead = [run.info.run_id for run in tracking.runs_with_tags(self.tracking_uri, experiment, here, status="RUNNING")]
+        for run_id in dead:
+            tracking.end_run(self.tracking_uri, run_id, status="KILLED")
+        self.parent = tracking.start_run(self.tracking_uri, experiment, self.spec.name, tags={
+            **here, "vitflow.code_version": self.code, **({"vitflow.continues": dead[0]} if dead else {})})
+        if dead:
+            self.on_event("workflow", "resuming", f"after a killed driver (execution {dead[0]} marked KILLED)")
         self.on_event("workflow", "running", self.run_link(self.parent))
         tracking.log_text(self.tracking_uri, self.parent, spec_text, "spec.yaml")
         tracking.log_text(self.tracking_uri, self.parent, self.spec.model_dump_json(indent=2), "resolved_spec.json")
         tracking.log_params(self.tracking_uri, self.parent, {"workflow": self.spec.name, "code_version": self.code,
                                                              "stages": ",".join(self.stages)})
-        started_here = not ray.is_initialized()
-        if started_here:
-            # A loaded machine can take longer than Ray Train's 60 s default to start a worker group.
-            os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
-            address = self.spec.ray.address or os.environ.get("RAY_ADDRESS")  # set for Ray Jobs drivers
-            if address:
-                ray.init(address=address, logging_level="WARNING")
-            else:
-                # With the dashboard: Ray Train V2's PlacementGroupCleaner needs its State API to free
-                # the resources of trials ASHA stops.
-                concurrency = self.spec.finetune.search.max_concurrent_trials if self.spec.finetune else 1
-                ray.init(num_cpus=self.spec.ray.num_cpus, resources={TRIAL_DRIVER_RESOURCE: concurrency},
-                         include_dashboard=True, logging_level="WARNING")
         status = "FAILED"
         try:
             self._preprocess_all()
@@ -152,11 +180,14 @@ class WorkflowRunner:
                     self._run_stage(stage)
             status = "FINISHED"
         finally:
-            tracking.set_tags(self.tracking_uri, self.parent, {
-                f"vitflow.reused.{r.stage}": r.run_id for r in self.results.values() if r.reused})
-            tracking.end_run(self.tracking_uri, self.parent, status=status)
-            if started_here:
-                ray.shutdown()
+            try:
+                tracking.set_tags(self.tracking_uri, self.parent, {
+                    f"vitflow.reused.{r.stage}": r.run_id for r in self.results.values() if r.reused})
+                tracking.end_run(self.tracking_uri, self.parent, status=status)
+            except Exception as error:  # the tracking server went away: say so, keep the stage's own error
+                if not tracking.is_unreachable(error, self.tracking_uri):
+                    raise
+                log.warning("could not close the workflow's MLflow run %s: %s unreachable", self.parent, self.tracking_uri)
             self.on_event("workflow", status.lower(), self.run_link(self.parent))
         return self.results
 
@@ -288,7 +319,7 @@ class WorkflowRunner:
             return cached
         self.on_event(stage, "running", "")
         name = self._name(stage, stage_fp)
-        common = {"tracking": {"uri": self.tracking_uri, "experiment": self.spec.tracking.experiment}}
+        common = {"tracking": {**self.spec.tracking.model_dump(), "uri": self.tracking_uri}}
         fields = section.model_dump(exclude={"dataset", "pretrained"} if stage == "finetune" else {"dataset"})
         try:
             result = getattr(self, f"_{stage}")(name, fields, dataset, common, inputs, stage_fp)
@@ -303,6 +334,11 @@ class WorkflowRunner:
         config = PretrainConfig.model_validate({**fields, **common, "name": name, "dataset": dataset.dataset_uri,
                                                 "storage_path": self.storage_path})
         result = run_pretrain(config, parent_run_id=self.parent)
+        if result.offline:
+            from workflows.tracking import TrackingUnavailable
+
+            raise TrackingUnavailable(f"pre-training finished but MLflow at {self.tracking_uri} is unreachable: "
+                                      f"upload its model with `vitflow upload {result.offline}`, then run the workflow again")
         model_uri = f"models:/{result.registered_name}/{result.version}" if result.version else result.model_uri
         return StageResult(stage="pretrain", run_id=result.run_id, fingerprint=stage_fp, model_uri=model_uri,
                            dataset_fingerprint=dataset.dataset_fingerprint, metrics=_numbers(result.metrics))
@@ -394,8 +430,11 @@ class LiveView:
         while not self.stop.wait(3.0):
             for stage in ("pretrain", "finetune"):
                 if self.rows.get(stage, [""])[0] == "running":
-                    step = tracking.latest_step(self.runner.tracking_uri, self.runner.spec.tracking.experiment, stage,
-                                                self.runner.parent)
+                    try:
+                        step = tracking.latest_step(self.runner.tracking_uri, self.runner.spec.tracking.experiment,
+                                                    stage, self.runner.parent)
+                    except Exception:  # the view is best effort: a tracking outage must not end it
+                        step = "(MLflow unreachable)" if not tracking.reachable(self.runner.tracking_uri) else ""
                     if step:
                         self.rows[stage][1] = step
             self.refresh()

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import tempfile
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 
 from vit import ViTConfig, VisionTransformer
+from vit.checkpoint import load_weights_only
 
 log = logging.getLogger(__name__)
 
@@ -220,12 +222,18 @@ def runs_with_tags(tracking_uri: str, experiment: str, tags: Mapping[str, str], 
 
 
 def model_exists(tracking_uri: str, model_uri: str) -> bool:
-    """Whether a registered version (``models:/NAME/VERSION``) or a logged model still exists."""
+    """Whether a registered version (``models:/NAME/VERSION``, ``models:/NAME@ALIAS``), a logged model
+    (``models:/m-...``) or a run (``runs:/ID/...``) exists."""
     client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
     reference = model_uri.removeprefix("models:/")
     try:
-        if reference.startswith("m-"):
+        if model_uri.startswith("runs:/"):
+            client.get_run(model_uri.removeprefix("runs:/").split("/")[0])
+        elif reference.startswith("m-"):
             client.get_logged_model(reference.split("/")[0])
+        elif "@" in reference:
+            name, alias = reference.split("@", 1)
+            client.get_model_version_by_alias(name, alias)
         else:
             name, version = reference.split("/")[:2]
             client.get_model_version(name, version)
@@ -293,44 +301,236 @@ def log_params(tracking_uri: str, run_id: str, params: Mapping) -> None:
 
 
 class MetricBuffer:
-    """Metrics for one run, sent in batches; kept and retried when the tracking server is unreachable.
+    """Metrics for one run, sent in batches by a background thread, so training never waits on tracking.
 
-    Training never waits on tracking for more than one bounded request: a failed flush keeps the
-    metrics (up to ``max_buffered``) and the next flush tries again.
+    When the tracking server is unreachable the metrics are kept (up to ``max_buffered``) and sent again
+    with growing pauses (up to ``max_backoff_s``) until it is back. :meth:`close` makes a last bounded
+    attempt and, if the server is still away, writes what is left to ``spill_path`` (JSON lines) for
+    :func:`upload_offline`: nothing measured is lost.
     """
 
-    def __init__(self, tracking_uri: str, run_id: str, flush_every_s: float = 5.0, max_buffered: int = 1_000_000):
+    def __init__(self, tracking_uri: str, run_id: str, flush_every_s: float = 5.0, max_buffered: int = 1_000_000,
+                 max_backoff_s: float = 30.0):
         self.client = MlflowClient(tracking_uri)
+        self.tracking_uri = tracking_uri
         self.run_id = run_id
         self.flush_every_s = flush_every_s
         self.max_buffered = max_buffered
+        self.max_backoff_s = max_backoff_s
         self.pending: list[Metric] = []
-        self.last_flush = time.monotonic()
-        self.failures = 0
+        self.failures = 0  # failed send attempts, all told
+        self.sent = 0
+        self.retry_at = 0.0  # monotonic time before which the background thread does not try again
+        self._streak = 0  # consecutive failures: the back-off grows with it
+        self._lock = threading.Lock()  # guards `pending`
+        self._sending = threading.Lock()  # one send at a time
+        self._wake = threading.Event()
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"mlflow-metrics-{run_id[:8]}", daemon=True)
+        self._thread.start()
+
+    @property
+    def healthy(self) -> bool:
+        return self._streak == 0
 
     def log(self, step: int, metrics: Mapping[str, float]) -> None:
         now = int(time.time() * 1000)
-        self.pending.extend(Metric(key, float(value), now, step) for key, value in metrics.items() if _is_number(value))
-        if len(self.pending) > self.max_buffered:
-            dropped = len(self.pending) - self.max_buffered
-            log.warning("MLflow metric buffer full: dropping the %d oldest metrics", dropped)
-            self.pending = self.pending[dropped:]
-        if time.monotonic() - self.last_flush >= self.flush_every_s:
-            self.flush()
+        fresh = [Metric(key, float(value), now, step) for key, value in metrics.items() if _is_number(value)]
+        with self._lock:
+            self.pending.extend(fresh)
+            if len(self.pending) > self.max_buffered:
+                dropped = len(self.pending) - self.max_buffered
+                log.warning("MLflow metric buffer full: dropping the %d oldest metrics", dropped)
+                del self.pending[:dropped]
+
+    def _run(self) -> None:
+        while not self._closed.is_set():
+            self._wake.wait(self.flush_every_s)
+            self._wake.clear()
+            if not self._closed.is_set() and time.monotonic() >= self.retry_at:
+                self.flush()
 
     def flush(self) -> bool:
-        """Send what is pending; True when nothing is left over."""
-        self.last_flush = time.monotonic()
-        while self.pending:
-            batch = self.pending[:1000]  # MLflow's log_batch limit
-            try:
-                self.client.log_batch(self.run_id, metrics=batch)
-            except Exception as error:  # any transport or server error: keep the metrics, retry later
-                self.failures += 1
-                log.warning("MLflow unreachable (%s); %d metrics kept for retry", type(error).__name__, len(self.pending))
-                return False
-            del self.pending[: len(batch)]
+        """Send what is pending now; True when nothing is left over. Called by the background thread, and
+        by training where a report must be on record before it goes on (a search may stop a trial)."""
+        with self._sending:
+            while True:
+                with self._lock:
+                    batch = self.pending[:1000]  # MLflow's log_batch limit
+                if not batch:
+                    return True
+                try:
+                    self.client.log_batch(self.run_id, metrics=batch)
+                except Exception as error:  # any transport or server error: keep the metrics, retry later
+                    self.failures += 1
+                    self._streak += 1
+                    self.retry_at = time.monotonic() + min(self.max_backoff_s, 2.0 ** self._streak)
+                    if self._streak == 1:
+                        log.warning("MLflow at %s unreachable (%s); metrics are kept and sent when it is back",
+                                    self.tracking_uri, type(error).__name__)
+                    return False
+                if self._streak:
+                    log.warning("MLflow at %s reachable again after %d failed attempt(s): sending the kept metrics",
+                                self.tracking_uri, self._streak)
+                self._streak = 0
+                self.sent += len(batch)
+                with self._lock:
+                    del self.pending[: len(batch)]
+
+    def flush_if_healthy(self) -> bool:
+        """:meth:`flush` unless the server is known to be away (then training does not wait for it)."""
+        return self.flush() if self.healthy else False
+
+    def close(self, timeout_s: float = 30.0, spill_path: str | Path | None = None) -> bool:
+        """Stop the background thread; keep trying to send for up to ``timeout_s``; then write anything
+        still pending to ``spill_path``. True when everything reached MLflow."""
+        self._closed.set()
+        self._wake.set()
+        self._thread.join()
+        deadline = time.monotonic() + timeout_s
+        while not self.flush() and time.monotonic() < deadline:
+            time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
+        with self._lock:
+            left = list(self.pending)
+        if left and spill_path is not None:
+            spill_metrics(spill_path, self.run_id, left)
+            log.warning("MLflow at %s still unreachable: %d metrics written to %s for `vitflow upload`",
+                        self.tracking_uri, len(left), spill_path)
+        return not left
+
+
+def spill_metrics(path: str | Path, run_id: str, metrics: list[Metric]) -> None:
+    """Append ``metrics`` of ``run_id`` to a JSON-lines file (the offline bundle's metrics)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        for m in metrics:
+            handle.write(json.dumps({"run_id": run_id, "key": m.key, "value": m.value, "timestamp": m.timestamp,
+                                     "step": m.step}) + "\n")
+
+
+def read_spilled_metrics(path: str | Path) -> dict[str, list[Metric]]:
+    """The metrics :func:`spill_metrics` wrote, per run id."""
+    found: dict[str, list[Metric]] = {}
+    for line in Path(path).read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            found.setdefault(row["run_id"], []).append(Metric(row["key"], float(row["value"]), int(row["timestamp"]), int(row["step"])))
+    return found
+
+
+def send_metrics(tracking_uri: str, run_id: str, metrics: list[Metric]) -> None:
+    client = MlflowClient(tracking_uri)
+    for start in range(0, len(metrics), 1000):
+        client.log_batch(run_id, metrics=metrics[start : start + 1000])
+
+
+# --- an unreachable tracking server: wait a bounded time, else keep the stage's output locally ----------
+
+OFFLINE_MANIFEST = "upload.json"
+OFFLINE_METRICS = "metrics.jsonl"
+
+
+class TrackingUnavailable(RuntimeError):
+    """The tracking server did not answer within the configured time."""
+
+
+def reachable(tracking_uri: str, timeout_s: float = 5.0) -> bool:
+    """Whether an MLflow server answers at all (any HTTP status: a basic-auth server refusing an
+    anonymous probe is up). Local stores (sqlite, files) are always reachable."""
+    if not tracking_uri.startswith(("http://", "https://")):
         return True
+    import requests
+
+    try:
+        requests.get(f"{tracking_uri.rstrip('/')}/health", timeout=timeout_s)
+    except requests.RequestException:
+        return False
+    return True
+
+
+def wait_reachable(tracking_uri: str, within_s: float) -> bool:
+    """Poll until the tracking server answers or ``within_s`` passes."""
+    deadline = time.monotonic() + within_s
+    while not reachable(tracking_uri):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(2.0)
+    return True
+
+
+def is_unreachable(error: BaseException, tracking_uri: str) -> bool:
+    """True when ``error`` comes from the tracking server being away (not from a bad request)."""
+    import requests
+
+    seen = error
+    while seen is not None:
+        if isinstance(seen, (TrackingUnavailable, requests.ConnectionError, requests.Timeout)):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return isinstance(error, mlflow.exceptions.MlflowException) and not reachable(tracking_uri)
+
+
+def save_offline(folder: str | Path, *, tracking_uri: str, run_id: str, model: VisionTransformer,
+                 class_names: list[str], preprocessing: Mapping[str, object], register_as: str | None,
+                 tags: Mapping[str, object], stage: str) -> Path:
+    """Keep what a stage would have logged (the plain model, the registry tags, the run to finish) in
+    ``folder`` for :func:`upload_offline`; metrics spilled by training are already beside it."""
+    folder = Path(folder)
+    (folder / "model").mkdir(parents=True, exist_ok=True)
+    _write_plain_model(folder / "model", model.eval().cpu(), class_names, preprocessing)
+    manifest = {"tracking_uri": tracking_uri, "run_id": run_id, "register_as": register_as, "stage": stage,
+                "tags": {key: str(value) for key, value in tags.items()}, "saved_at": time.time()}
+    (folder / OFFLINE_MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return folder
+
+
+@dataclass(frozen=True)
+class Uploaded:
+    run_id: str
+    model_uri: str
+    registered_name: str | None
+    version: str | None
+    metrics: int
+
+
+def upload_offline(folder: str | Path, tracking_uri: str | None = None) -> Uploaded:
+    """Send an offline bundle (:func:`save_offline`) to MLflow: its spilled metrics, the model (logged to
+    its run and registered with its tags), and finish the run. Safe to repeat: registration is
+    idempotent per run, and sent metrics are removed from the bundle."""
+    folder = Path(folder)
+    manifest_path = folder / OFFLINE_MANIFEST
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"{folder} is not a vitflow offline bundle: {OFFLINE_MANIFEST} missing")
+    done = folder / "uploaded.json"
+    if done.is_file():  # uploaded before: nothing to send twice
+        record = json.loads(done.read_text())
+        return Uploaded(run_id=record["run_id"], model_uri=record["model_uri"], registered_name=record.get("register_as"),
+                        version=record.get("version"), metrics=0)
+    manifest = json.loads(manifest_path.read_text())
+    uri = tracking_uri or manifest["tracking_uri"]
+    if not wait_reachable(uri, within_s=10.0):
+        raise TrackingUnavailable(f"MLflow at {uri} is unreachable; nothing was uploaded from {folder}")
+    sent = 0
+    spilled = folder / OFFLINE_METRICS
+    if spilled.is_file():
+        for run_id, metrics in read_spilled_metrics(spilled).items():
+            send_metrics(uri, run_id, metrics)
+            sent += len(metrics)
+        spilled.rename(spilled.with_suffix(".sent.jsonl"))
+    run_id = manifest["run_id"]
+    plain = load_plain_model(uri, str(folder / "model"))
+    model = VisionTransformer(plain.config)
+    model.load_state_dict(plain.state_dict)
+    logged = log_vit_model(uri, run_id, model, plain.class_names, preprocessing=plain.preprocessing)
+    version = None
+    if manifest.get("register_as"):
+        version = register_model(uri, logged.model_uri, manifest["register_as"], manifest.get("tags", {}), run_id)
+    end_run(uri, run_id)
+    manifest.update(uploaded_to=uri, model_uri=logged.model_uri, version=version, uploaded_at=time.time())
+    done.write_text(json.dumps(manifest, indent=2))
+    return Uploaded(run_id=run_id, model_uri=logged.model_uri, registered_name=manifest.get("register_as"),
+                    version=version, metrics=sent)
 
 
 def _is_number(value) -> bool:
@@ -438,7 +638,12 @@ def load_plain_model(tracking_uri: str, model_uri: str) -> PlainModel:
     if missing:
         raise ValueError(f"model {model_uri!r} is not a vitflow ViT: {', '.join(missing)} missing in {folder}")
     config = ViTConfig.from_dict(json.loads((folder / CONFIG_FILE).read_text()))
-    state_dict = torch.load(folder / WEIGHTS_FILE, map_location="cpu", weights_only=True)
+    try:
+        state_dict = load_weights_only(folder / WEIGHTS_FILE)  # a downloaded file: never unpickle code from it
+    except ValueError as error:
+        raise ValueError(f"model {model_uri!r}: {error}") from None
+    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise ValueError(f"model {model_uri!r}: {WEIGHTS_FILE} is not a state dict of tensors")
     class_names = json.loads((folder / CLASSES_FILE).read_text())
     preprocessing = json.loads((folder / PREPROCESSING_FILE).read_text()) if (folder / PREPROCESSING_FILE).is_file() else {}
     return PlainModel(config=config, state_dict=state_dict, class_names=class_names, source_uri=model_uri,

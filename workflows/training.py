@@ -47,6 +47,7 @@ def train_worker(cfg: dict[str, Any]) -> None:
     from vit.loop import fit
     from workflows import tracking
 
+    _quiet_ray_train_reports()
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
@@ -65,11 +66,16 @@ def train_worker(cfg: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         resume_dir = checkpoint.to_directory()  # a local copy of the latest reported checkpoint
+    newer = newest_persisted_checkpoint(cfg.get("run_storage"), than_step=checkpoint_step(resume_dir))
+    if newer is not None:
+        if rank == 0:
+            print(f"resuming from {newer}: persisted after the checkpoint Ray Train had registered", flush=True)
+        resume_dir = newer
     buffer = tracking.MetricBuffer(cfg["tracking_uri"], cfg["run_id"]) if rank == 0 else None
     if buffer is not None and resume_dir is None and cfg.get("pretrained") is not None:
         # The fine-tuning recipe's evidence: the head fit starts from is exactly zero (Section 3.2).
         buffer.log(0, {"init/head_abs_max": float(model.head.weight.abs().max()), "init/head_bias_abs_max": float(model.head.bias.abs().max())})
-        buffer.flush()
+        buffer.flush_if_healthy()
     progress = Progress(train_config.total_steps, data_config.batch_size * world_size * train_config.grad_accum_steps)
     local_checkpoints = Path(tempfile.mkdtemp(prefix="vitflow-ckpt-"))
 
@@ -80,7 +86,9 @@ def train_worker(cfg: dict[str, Any]) -> None:
         if buffer is not None:
             buffer.log(step, metrics)
             if checkpoint_dir or any(key.startswith("val/") for key in metrics):
-                buffer.flush()  # a search may stop this trial at any report: keep what it measured
+                # A search may stop this trial at any report: have what it measured on record first
+                # (unless the tracking server is away: then the buffer keeps it and training goes on).
+                buffer.flush_if_healthy()
             progress.print(step, metrics)
         validated = any(key.startswith("val/") for key in metrics)
         if cfg.get("report_validation_only") and not validated:
@@ -97,8 +105,68 @@ def train_worker(cfg: dict[str, Any]) -> None:
             prepare_model=ray.train.torch.prepare_model, metadata=metadata)
     finally:
         if buffer is not None:
-            buffer.flush()
+            spill = Path(cfg["offline_dir"]) / tracking.OFFLINE_METRICS if cfg.get("offline_dir") else None
+            buffer.close(timeout_s=30.0, spill_path=spill)
         shutil.rmtree(local_checkpoints, ignore_errors=True)
+
+
+def checkpoint_step(folder: str | None) -> int:
+    """The step a vit checkpoint folder was saved at (-1 for none)."""
+    from vit.loop import load_checkpoint
+
+    return -1 if folder is None else int(load_checkpoint(folder)["step"])
+
+
+def newest_persisted_checkpoint(run_storage: str | None, than_step: int) -> str | None:
+    """A complete checkpoint of this run newer than ``than_step``, as a local folder, or None.
+
+    Ray Train registers a checkpoint when its controller collects the worker's report, which comes after
+    the worker has persisted it: a worker killed in between (SIGKILL, OOM, a lost node) would make the
+    replacement start from the previous checkpoint, or from step 0. The run's storage holds the newer
+    one, complete (a partial copy fails to load and is passed over), so resuming from it loses nothing.
+    """
+    if not run_storage:
+        return None
+    import pyarrow.fs as pafs
+
+    from vit.loop import load_checkpoint
+
+    local = "://" not in run_storage
+    fs, root = (pafs.LocalFileSystem(), run_storage) if local else pafs.FileSystem.from_uri(run_storage)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    except OSError:
+        return None
+    names = sorted((i.path for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")),
+                   reverse=True)  # checkpoint_<date>_<time>: newest first
+    for path in names[:3]:
+        folder = path if local else tempfile.mkdtemp(prefix="vitflow-resume-")
+        try:
+            if not local:
+                pafs.copy_files(path, folder, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+            step = int(load_checkpoint(folder)["step"])
+        except Exception:  # incomplete (being written when the worker died): try the one before
+            if not local:
+                shutil.rmtree(folder, ignore_errors=True)
+            continue
+        if step > than_step:
+            return folder
+        if not local:
+            shutil.rmtree(folder, ignore_errors=True)
+        return None
+    return None
+
+
+def _quiet_ray_train_reports() -> None:
+    """Ray Train V2 logs every ``report`` call with its whole metrics dict at INFO level (a line per log
+    step, next to our own progress line): keep its warnings only. Its logger is named by file path."""
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+    except ImportError:  # another Ray layout: nothing to quiet
+        return
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
 
 
 def initial_model(cfg: dict[str, Any]):

@@ -1,0 +1,35 @@
+"""The fault-injection suite's fixtures: the workflow tests' real corpora, shards and local Ray, plus
+what the scenarios share (waiting on a condition, running the `vitflow` console script)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from tests.workflows.conftest import (  # noqa: F401  (fixtures, re-exported for this folder)
+    cifar_shards,
+    cifar_source,
+    flowers_shards,
+    flowers_source,
+    local_ray,
+)
+
+VITFLOW = str(Path(sys.executable).parent / "vitflow")
+
+
+def wait_for(condition: Callable[[], object], timeout_s: float, what: str, every_s: float = 0.5):
+    """Poll ``condition`` until it returns something truthy (returned) or fail after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(every_s)
+    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+
+def vitflow(*args: str, cwd: Path | None = None, timeout_s: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([VITFLOW, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout_s, env=env)
