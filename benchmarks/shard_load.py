@@ -17,7 +17,9 @@ tenth (less its first shard) over the time from its first to its last finish, so
 workers' torch import are not counted against the first tenth. The ratio last/first is what the issue
 bounds (within 10%: 0.9-1.1). Wall-clock rates move with whatever else the machine runs, so the same
 ratio is also given per CPU-second of this process tree (driver, raylet, workers; sampled from /proc),
-which other load hardly moves (as in ``shard_throughput.py``).
+which other load hardly moves (as in ``shard_throughput.py``), and per CPU-second of the processes that
+shard (the Ray workers): the driver's and Ray's steady overhead, and a worker idle at the end of the run
+while the other finishes the last shard, do not count against one window more than the other.
 
 Memory: a thread samples VmRSS of this process and of every descendant (raylet, GCS, Ray workers) from
 /proc every 0.25 s; peaks are VmHWM where the process still exists at the end, else the highest sample.
@@ -136,8 +138,11 @@ class MemorySampler(threading.Thread):
             for pid, value in rss.items():
                 self.peaks[pid] = max(self.peaks.get(pid, 0), value)
             # Less this thread's own CPU: walking /proc costs more the more processes the machine runs.
-            cpu = _cpu_seconds(me) + sum(_cpu_seconds(pid) for pid in children) - time.thread_time()
-            self.samples.append((time.time(), _status(me).get("VmRSS", 0), rss, cpu))
+            cpu_of = {pid: _cpu_seconds(pid) for pid in children}
+            cpu = _cpu_seconds(me) + sum(cpu_of.values()) - time.thread_time()
+            # The processes that shard: Ray workers (they retitle themselves ray::...), else this one.
+            shard_cpu = sum(v for pid, v in cpu_of.items() if children[pid].startswith("ray::")) if self.children else cpu
+            self.samples.append((time.time(), _status(me).get("VmRSS", 0), rss, cpu, shard_cpu))
             self._finished.wait(self.every_s)
 
     def stop(self) -> None:
@@ -208,12 +213,20 @@ def main() -> None:
             return min(sampler.samples, key=lambda sample: abs(sample[0] - moment))[3]
 
         first_cpu, last_cpu = decile_rates(receipts, cpu_at)
+
+        def shard_cpu_at(moment: float) -> float:
+            return min(sampler.samples, key=lambda sample: abs(sample[0] - moment))[4]
+
+        first_worker, last_worker = decile_rates(receipts, shard_cpu_at)
         print(f"sharded {result.num_sharded:,} of {result.num_inputs:,} inputs into {len(receipts)} shards in "
               f"{result.seconds:.1f} s ({result.images_per_second:,.0f} images/s overall, Ray start included)")
         print(f"throughput: first 10% {first_rate:,.0f} images/s, last 10% {last_rate:,.0f} images/s, "
               f"ratio last/first {last_rate / first_rate:.3f} (wall clock)")
         print(f"per CPU-second of this process tree: first 10% {first_cpu:,.0f} images, last 10% {last_cpu:,.0f} "
               f"images, ratio last/first {last_cpu / first_cpu:.3f} (what other load on the machine does not move)")
+        print(f"per CPU-second of the processes that shard ({'Ray workers' if args.workers else 'this one'}): first 10% "
+              f"{first_worker:,.0f} images, last 10% {last_worker:,.0f} images, ratio last/first "
+              f"{last_worker / first_worker:.3f} (idle time at the run's ends does not count either)")
 
         window = (receipts[0][0], sharding_end)  # from the first finished shard to the last
         tenth = (window[1] - window[0]) / 10
