@@ -287,6 +287,14 @@ def run_trial(params: dict[str, Any], shared: dict[str, Any]) -> None:
     uri = shared["tracking_uri"]
     tags = {STAGE_TAG: "finetune-trial", "vitflow.trial_id": trial_id, "vitflow.search_run_id": shared["search_run_id"]}
     run_id = tracking.find_run(uri, config.tracking.experiment, tags)
+    trial_storage = f"{absolute_uri(config.storage_path).rstrip('/')}/{config.name}-trials/{config.name}-{trial_id}"
+    if run_id is not None and tracking.run_status(uri, run_id) == "FINISHED":
+        # It finished before the search's driver died (Tune had not saved that yet): report what it
+        # reached, with its final checkpoint, instead of training it again.
+        finished = _finished_trial_result(uri, run_id, trial_storage)
+        if finished is not None:
+            tune.report(finished)
+            return
     fresh = run_id is None
     if fresh:  # a restored (or retried) trial re-enters: keep one MLflow run per trial
         run_id = tracking.start_run(uri, config.tracking.experiment, f"{config.name}-{trial_id}",
@@ -324,7 +332,7 @@ def run_trial(params: dict[str, Any], shared: dict[str, Any]) -> None:
             "run_id": run_id,
             "pretrained": shared["pretrained"],
             "report_validation_only": True,  # every Tune result carries val/top1 (ASHA's metric)
-            "run_storage": f"{absolute_uri(config.storage_path).rstrip('/')}/{config.name}-trials/{config.name}-{trial_id}",
+            "run_storage": trial_storage,
         },
         scaling_config=ScalingConfig(
             num_workers=resources.num_workers, use_gpu=resources.use_gpu,
@@ -344,6 +352,30 @@ def run_trial(params: dict[str, Any], shared: dict[str, Any]) -> None:
         failed(error)
         raise
     tracking.end_run(uri, run_id)
+
+
+def _finished_trial_result(uri: str, run_id: str, trial_storage: str) -> dict[str, Any] | None:
+    """A finished trial's last validation metrics (from MLflow) and final checkpoint (from its Ray Train
+    storage), as the Tune result its run would have reported; None when either is missing."""
+    import pyarrow.fs as pafs
+
+    from workflows import tracking
+
+    metrics = tracking.run_metrics(uri, run_id)
+    if METRIC not in metrics or "train/loss" not in metrics:
+        return None
+    local = "://" not in trial_storage
+    fs, root = (pafs.LocalFileSystem(), trial_storage) if local else pafs.FileSystem.from_uri(trial_storage)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    except OSError:
+        return None
+    checkpoints = sorted(i.path for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_"))
+    if not checkpoints:
+        return None
+    steps = tracking.last_step(uri, run_id, METRIC)
+    return {**{k: v for k, v in metrics.items() if k.startswith(("val/", "train/"))}, "step": steps,
+            "checkpoint_path": checkpoints[-1]}
 
 
 # --- after the search -------------------------------------------------------------------------

@@ -263,6 +263,20 @@ def latest_step(tracking_uri: str, experiment: str, stage: str, parent_run_id: s
     return f"step {last.step}, loss {last.value:.3f}"
 
 
+def run_status(tracking_uri: str, run_id: str) -> str:
+    return MlflowClient(tracking_uri).get_run(run_id).info.status
+
+
+def run_metrics(tracking_uri: str, run_id: str) -> dict[str, float]:
+    """The latest value of each metric of a run."""
+    return dict(MlflowClient(tracking_uri).get_run(run_id).data.metrics)
+
+
+def last_step(tracking_uri: str, run_id: str, key: str) -> int:
+    history = MlflowClient(tracking_uri).get_metric_history(run_id, key)
+    return max((m.step for m in history), default=0)
+
+
 def end_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:
     MlflowClient(tracking_uri).set_terminated(run_id, status=status)
 

@@ -68,8 +68,6 @@ def test_a_killed_workflow_resumes_pretraining_and_registers_one_version(tmp_pat
     finally:
         killed_at = sigkill(driver)
     left_by_the_kill = processes_under(temp_root(workdir))
-    first_log = log.read_text()
-    assert "preprocess:cifar" in first_log
 
     rerun = vitflow("run", str(spec), cwd=tmp_path, timeout_s=900)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr

@@ -132,9 +132,14 @@ def test_a_30_second_tracking_outage_loses_no_metrics(tmp_path, cifar_shards, lo
         join = in_background(run_pretrain, config)
         run_id = wait_for(lambda: tracking.find_run(uri, "faults", {"vitflow.run_name": "outage"}), 120, "the MLflow run")
         wait_for(lambda: history(uri, run_id), 600, "the first metrics in MLflow", every_s=1.0)
+        run_dir = tmp_path / "runs" / "outage"
+        seen = checkpoint_steps(run_dir)
         server.__exit__()
         down_at = time.time()
         time.sleep(30)
+        # Down for 30 s, and until training has checkpointed (and so logged) at least once meanwhile,
+        # however slow the machine is.
+        wait_for(lambda: checkpoint_steps(run_dir) != seen, 900, "a checkpoint during the outage", every_s=0.5)
         server = mlflow_server(tmp_path, port).__enter__()
         up_at = time.time()
         result = join()
