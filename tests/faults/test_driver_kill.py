@@ -141,8 +141,10 @@ def test_a_killed_search_resumes_with_its_finished_trials(tmp_path, flowers_sour
     assert {r.data.tags["mlflow.parentRunId"] for r in trials} == {searches[0].info.run_id}
     assert all(r.info.status == "FINISHED" for r in trials)
     for run in trials:  # a trial finished before the kill was not trained again
+        losses = client.get_metric_history(run.info.run_id, "train/loss")
+        assert sorted(m.step for m in losses) == [3, 6, 9, 12]  # each step trained (and logged) once
         if run.data.tags["vitflow.trial_id"] in done_before:
-            assert run.info.end_time / 1000 <= killed_at
+            assert all(m.timestamp / 1000 <= killed_at for m in losses)
     assert len(client.search_model_versions("name = 'vit-finetuned'")) == 1
     assert processes_under(temp_root(workdir)) == []
     print(f"\nRELIABILITY driver SIGKILL (search): {len(done_before)} of {num_samples} trials had finished; the rerun "

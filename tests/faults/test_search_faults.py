@@ -67,15 +67,15 @@ def test_a_nan_trial_stops_at_once_a_broken_trial_fails_and_the_search_goes_on(t
                        train={"total_steps": total, "log_every": 1, "eval_every": 6, "checkpoint_every": 6},
                        search={"image_size": [32], "lr": {"min": 0.003, "max": 0.03}, "num_samples": 6,
                                "max_concurrent_trials": 2, "seed": 2, "max_failures": 1,
-                               # 1e6: SGD diverges at once; label smoothing 1.5 is invalid
-                               "choices": {"optim.lr": [0.01, 1.0e6], "train.label_smoothing": [0.0, 1.5]}})
+                               # 1e30: SGD overflows at once (a non-finite loss); label smoothing 1.5 is invalid
+                               "choices": {"optim.lr": [0.01, 1.0e30], "train.label_smoothing": [0.0, 1.5]}})
     result = vitflow("run", str(spec), cwd=tmp_path, timeout_s=1200)
     assert result.returncode == 0, result.stdout + result.stderr
     uri = f"sqlite:///{tmp_path / 'work' / 'mlflow.db'}"
     client = MlflowClient(uri, registry_uri=uri)
     runs = trial_runs(uri, "crashing")
     assert len(runs) == 6  # every trial is on record, failed ones included
-    diverged = [r for r in runs if float(r.data.params["optim.lr"]) == 1.0e6 and float(r.data.params["train.label_smoothing"]) == 0]
+    diverged = [r for r in runs if float(r.data.params["optim.lr"]) == 1.0e30 and float(r.data.params["train.label_smoothing"]) == 0]
     broken = [r for r in runs if float(r.data.params["train.label_smoothing"]) == 1.5]
     healthy = [r for r in runs if r not in diverged and r not in broken]
     assert diverged and broken and healthy, "seed 2 draws every kind of trial (3 healthy, 1 diverging, 2 invalid)"
@@ -90,7 +90,7 @@ def test_a_nan_trial_stops_at_once_a_broken_trial_fails_and_the_search_goes_on(t
     assert len(versions) == 1  # the search went on and registered its best (healthy) trial
     best = client.get_run(versions[0].run_id)
     assert best.info.run_id in {r.info.run_id for r in healthy}
-    print(f"\nRELIABILITY crashing trials: {len(diverged)} diverging (lr 1e6) stopped at step "
+    print(f"\nRELIABILITY crashing trials: {len(diverged)} diverging (lr 1e30) stopped at step "
           f"{max(max((m.step for m in client.get_metric_history(r.info.run_id, 'train/loss')), default=0) for r in diverged)} "
           f"of {total}; {len(broken)} invalid (label smoothing 1.5) failed with the reason; {len(healthy)} finished; "
           f"best registered as vit-finetuned/1")
