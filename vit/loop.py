@@ -47,7 +47,8 @@ Precision = Literal["fp32", "bf16", "fp16"]
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The training loss became NaN or infinite: the run diverged (early-stopping signal for tuning)."""
+    """The training loss or gradient became NaN or infinite: the run diverged (early-stopping signal for
+    tuning)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -314,6 +315,13 @@ def fit(
             scaler.unscale_(optimizer)
             max_norm = config.optim.grad_clip_norm if config.optim.grad_clip_norm is not None else math.inf
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+            if not torch.isfinite(grad_norm) and not scaler.is_enabled():
+                # Without fp16 loss scaling (which skips such steps by design), a non-finite gradient is
+                # divergence even while the loss still reads finite (overflowing weights: loss ~1e30).
+                raise NonFiniteLossError(
+                    f"gradient norm is {grad_norm.item()} at step {step + 1} (epoch {epoch}); the run diverged "
+                    f"(lr {optimizer.param_groups[0]['lr']:.3g}, precision {config.precision})"
+                )
             lr = optimizer.param_groups[0]["lr"]
             scaler.step(optimizer)
             scaler.update()

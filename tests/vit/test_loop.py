@@ -153,6 +153,17 @@ def test_nan_loss_is_a_clear_error():
         fit(model, random_data(), None, TrainConfig(total_steps=3), report=Recorder())
 
 
+def test_a_diverging_run_stops_at_the_first_non_finite_gradient_even_with_a_finite_loss():
+    # SGD at lr 1e30: the weights overflow after one step; the loss stays a finite ~1e30 for a while
+    # but the gradient norm is no longer finite. Training must stop there, not run its budget out.
+    report = Recorder()
+    config = TrainConfig(total_steps=20, log_every=1, optim=OptimConfig(optimizer="sgd", lr=1e30, momentum=0.9,
+                                                                      weight_decay=0.0, grad_clip_norm=1.0))
+    with pytest.raises(NonFiniteLossError, match="(gradient norm|loss) is (nan|inf)"):
+        fit(tiny_model(), random_data(), None, config, report=report)
+    assert max((step for step, _, _ in report.calls), default=0) < 5
+
+
 def test_evaluate_sums_through_the_injected_all_reduce():
     model, data = tiny_model(), random_data(12, batch_size=5)
     batches = [(data.images[:5], data.targets[:5]), (data.images[5:12], data.targets[5:12])]
