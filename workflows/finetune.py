@@ -218,7 +218,9 @@ def _search(config: FinetuneSearchConfig, pretrained, index, tracking_uri: str, 
     }
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    search_alg = BasicVariantGenerator(random_state=config.search.seed)  # random search, reproducible
+    # Random search, reproducible from search.seed, with the concurrency limit on the generator itself
+    # (Tune ignores TuneConfig.max_concurrent_trials for a generator; it applies it to Optuna below).
+    search_alg = BasicVariantGenerator(random_state=config.search.seed, max_concurrent=config.search.max_concurrent_trials)
     if config.search.search_alg == "optuna":
         try:
             from ray.tune.search.optuna import OptunaSearch
@@ -252,7 +254,8 @@ def _search(config: FinetuneSearchConfig, pretrained, index, tracking_uri: str, 
             trainable,
             param_space=space,
             tune_config=TuneConfig(metric=METRIC, mode="max", num_samples=config.search.num_samples,
-                                   max_concurrent_trials=config.search.max_concurrent_trials,
+                                   max_concurrent_trials=(config.search.max_concurrent_trials
+                                                          if config.search.search_alg == "optuna" else None),
                                    scheduler=scheduler, search_alg=search_alg),
             run_config=RunConfig(name=config.name, storage_path=storage,
                                  failure_config=FailureConfig(max_failures=config.search.max_failures)),
