@@ -43,7 +43,7 @@ def search_config(store, shards, name: str, **changes) -> FinetuneSearchConfig:
         data={"batch_size": 16, "num_workers": 0, "crop_scale": (0.5, 1.0), "crop_pct": 1.0, **CIFAR_NORM},
         train={"total_steps": 12, "log_every": 4, "eval_every": 4, "checkpoint_every": 4},
         search={"image_size": [32, 48], "lr": {"min": 1e-4, "max": 0.3}, "num_samples": 6, "max_concurrent_trials": 2,
-                "scheduler": {"grace_period": 4, "reduction_factor": 2}, "seed": 1},
+                "scheduler": {"grace_period": 4, "reduction_factor": 2}, "seed": 5},
         resources={"num_workers": 1},
         storage_path=str(store / "runs"),
         tracking={"uri": f"sqlite:///{store / 'mlflow.db'}", "experiment": "finetune-test"},
