@@ -360,20 +360,13 @@ def run_trial(params: dict[str, Any], shared: dict[str, Any]) -> None:
 def _finished_trial_result(uri: str, run_id: str, trial_storage: str) -> dict[str, Any] | None:
     """A finished trial's last validation metrics (from MLflow) and final checkpoint (from its Ray Train
     storage), as the Tune result its run would have reported; None when either is missing."""
-    import pyarrow.fs as pafs
-
     from workflows import tracking
+    from workflows.training import persisted_checkpoints
 
     metrics = tracking.run_metrics(uri, run_id)
     if METRIC not in metrics or "train/loss" not in metrics:
         return None
-    local = "://" not in trial_storage
-    fs, root = (pafs.LocalFileSystem(), trial_storage) if local else pafs.FileSystem.from_uri(trial_storage)
-    try:
-        infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
-    except OSError:
-        return None
-    checkpoints = sorted(i.path for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_"))
+    _, checkpoints = persisted_checkpoints(trial_storage)
     if not checkpoints:
         return None
     steps = tracking.last_step(uri, run_id, METRIC)

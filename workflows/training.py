@@ -117,6 +117,20 @@ def checkpoint_step(folder: str | None) -> int:
     return -1 if folder is None else int(load_checkpoint(folder)["step"])
 
 
+def persisted_checkpoints(run_storage: str):
+    """(file system, checkpoint folders of a Ray Train run's storage, oldest first): Ray names them
+    ``checkpoint_<date>_<time>``, so their names sort by time. No folders when the storage is absent."""
+    import pyarrow.fs as pafs
+
+    local = "://" not in run_storage
+    fs, root = (pafs.LocalFileSystem(), run_storage) if local else pafs.FileSystem.from_uri(run_storage)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    except OSError:
+        return fs, []
+    return fs, sorted(i.path for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_"))
+
+
 def newest_persisted_checkpoint(run_storage: str | None, than_step: int) -> str | None:
     """A complete checkpoint of this run newer than ``than_step``, as a local folder, or None.
 
@@ -131,15 +145,9 @@ def newest_persisted_checkpoint(run_storage: str | None, than_step: int) -> str 
 
     from vit.loop import load_checkpoint
 
+    fs, names = persisted_checkpoints(run_storage)
     local = "://" not in run_storage
-    fs, root = (pafs.LocalFileSystem(), run_storage) if local else pafs.FileSystem.from_uri(run_storage)
-    try:
-        infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
-    except OSError:
-        return None
-    names = sorted((i.path for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")),
-                   reverse=True)  # checkpoint_<date>_<time>: newest first
-    for path in names[:3]:
+    for path in reversed(names[-3:]):  # newest first
         folder = path if local else tempfile.mkdtemp(prefix="vitflow-resume-")
         try:
             if not local:
