@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 import statistics
 import tempfile
 from dataclasses import dataclass
@@ -291,11 +292,14 @@ def run_trial(params: dict[str, Any], shared: dict[str, Any]) -> None:
     tags = {STAGE_TAG: "finetune-trial", "vitflow.trial_id": trial_id, "vitflow.search_run_id": shared["search_run_id"]}
     run_id = tracking.find_run(uri, config.tracking.experiment, tags)
     trial_storage = f"{absolute_uri(config.storage_path).rstrip('/')}/{config.name}-trials/{config.name}-{trial_id}"
-    if run_id is not None and tracking.run_status(uri, run_id) == "FINISHED":
-        # It finished before the search's driver died (Tune had not saved that yet): report what it
-        # reached, with its final checkpoint, instead of training it again.
-        finished = _finished_trial_result(uri, run_id, trial_storage)
+    if run_id is not None:
+        # It finished before the search's driver died (Tune had not saved that yet; or its training
+        # ended and the driver died before the run was closed): report what it reached, with its final
+        # checkpoint, instead of training it again (a resumed fit at its last step has nothing to report).
+        finished = _finished_trial_result(uri, run_id, trial_storage, config.train.total_steps)
         if finished is not None:
+            if tracking.run_status(uri, run_id) != "FINISHED":
+                tracking.end_run(uri, run_id)
             tune.report(finished)
             return
     fresh = run_id is None
@@ -357,11 +361,16 @@ def run_trial(params: dict[str, Any], shared: dict[str, Any]) -> None:
     tracking.end_run(uri, run_id)
 
 
-def _finished_trial_result(uri: str, run_id: str, trial_storage: str) -> dict[str, Any] | None:
+def _finished_trial_result(uri: str, run_id: str, trial_storage: str, total_steps: int) -> dict[str, Any] | None:
     """A finished trial's last validation metrics (from MLflow) and final checkpoint (from its Ray Train
-    storage), as the Tune result its run would have reported; None when either is missing."""
+    storage), as the Tune result its run would have reported; None when either is missing.
+
+    Finished means its MLflow run is FINISHED, or it trained to ``total_steps``: a checkpoint of the last
+    step is persisted and its last validation is on record (rank 0 flushes metrics before reporting the
+    checkpoint that goes with them).
+    """
     from workflows import tracking
-    from workflows.training import persisted_checkpoints
+    from workflows.training import newest_persisted_checkpoint, persisted_checkpoints
 
     metrics = tracking.run_metrics(uri, run_id)
     if METRIC not in metrics or "train/loss" not in metrics:
@@ -370,6 +379,14 @@ def _finished_trial_result(uri: str, run_id: str, trial_storage: str) -> dict[st
     if not checkpoints:
         return None
     steps = tracking.last_step(uri, run_id, METRIC)
+    if tracking.run_status(uri, run_id) != "FINISHED":
+        if steps < total_steps:
+            return None
+        last = newest_persisted_checkpoint(trial_storage, than_step=total_steps - 1)
+        if last is None:
+            return None
+        if "://" in trial_storage:  # a local copy of a remote checkpoint, made to read its step
+            shutil.rmtree(last, ignore_errors=True)
     return {**{k: v for k, v in metrics.items() if k.startswith(("val/", "train/"))}, "step": steps,
             "checkpoint_path": checkpoints[-1]}
 

@@ -13,7 +13,7 @@ from vit import VisionTransformer, decode_variant
 from vit.data import DataConfig, train_loader
 from vit.loop import TrainConfig, fit
 from workflows import tracking
-from workflows.finetune import FinetuneSearchConfig, pareto_front, run_finetune, trial_configs
+from workflows.finetune import FinetuneSearchConfig, _finished_trial_result, pareto_front, run_finetune, trial_configs
 
 CIFAR_NORM = {"mean": (0.49, 0.48, 0.45), "std": (0.25, 0.24, 0.26)}
 
@@ -117,3 +117,30 @@ def test_checkpoints_must_fall_on_evaluations(tmp_path, flowers_shards):
 def test_pareto_front():
     points = [(1.0, 0.5), (2.0, 0.6), (2.0, 0.55), (3.0, 0.58), (0.5, 0.4)]
     assert sorted(pareto_front(points)) == [0, 1, 4]
+
+
+def test_a_trial_trained_to_its_end_counts_as_finished(tmp_path, flowers_shards):
+    """A search driver killed after a trial's last checkpoint and validation were on record, but before its
+    run was closed: the rerun reports that trial from its record (a fit resumed at its last step has
+    nothing left to report, and Tune rejects a trial that reports no metric). A trial that stopped short
+    of the last step is not finished, whatever checkpoints it left."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    data = DataConfig(batch_size=8, num_workers=0, image_size=32, crop_pct=1.0, **CIFAR_NORM)
+    model = VisionTransformer(decode_variant("Ti/8", image_size=32, num_classes=17, embed_dim=24, depth=1, num_heads=2))
+    written = tmp_path / "written"
+    fit(model, train_loader(flowers_shards, data, rank=0, world_size=1), None,
+        TrainConfig(total_steps=4, log_every=2, checkpoint_every=2), report=lambda *a, **k: None, checkpoint_dir=written)
+    storage = tmp_path / "trial"
+    storage.mkdir()
+    (written / "step-000002").rename(storage / "checkpoint_2026-11-24_01-00-00.000001")
+
+    run_id = tracking.start_run(uri, "search", "trial")
+    for step in (2, 4):
+        tracking.log_metrics(uri, run_id, {"train/loss": 2.0 / step, "val/top1": 0.1 * step}, step=step)
+    assert _finished_trial_result(uri, run_id, str(storage), total_steps=4) is None  # last checkpoint: step 2
+
+    (written / "step-000004").rename(storage / "checkpoint_2026-11-24_01-00-09.000001")
+    result = _finished_trial_result(uri, run_id, str(storage), total_steps=4)
+    assert result is not None and result["step"] == 4 and result["val/top1"] == pytest.approx(0.4)
+    assert result["checkpoint_path"].endswith("checkpoint_2026-11-24_01-00-09.000001")
+    assert _finished_trial_result(uri, run_id, str(storage), total_steps=6) is None  # trained 4 of 6 steps
