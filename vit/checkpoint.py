@@ -37,14 +37,28 @@ def load_weights_only(file: str | Path) -> Any:
         return torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         # torch's message is a page long and suggests weights_only=False: keep only what it found.
-        found = re.search(r"WeightsUnpickler error: ([^\n]*?)(?: was not an allowed global| Please|\.\s|$)", str(error))
-        reason = found.group(1).strip() if found else str(error).splitlines()[0]
-        raise ValueError(f"{file}: refused to load: it holds more than tensors ({reason}); weights are loaded "
+        text = str(error)
+        needs = re.search(r"GLOBAL ([\w.]+)", text)  # an object (a callable) the file would build
+        found = re.search(r"WeightsUnpickler error:\s*([^\n]+)", text)
+        if needs:
+            what, reason = "it holds more than tensors", f"Unsupported global: GLOBAL {needs.group(1)}"
+        else:  # e.g. an opcode outside plain containers, or a file cut inside its pickle
+            what, reason = "it is not a weights-only pickle", found.group(1).strip() if found else _first_line(error)
+        raise ValueError(f"{file}: refused to load: {what} ({reason}); weights are loaded "
                          "with weights_only=True, so no pickled object or code in it was run") from None
     except (RuntimeError, EOFError, OSError) as error:
         if isinstance(error, FileNotFoundError):
             raise
-        raise ValueError(f"{file}: not a readable PyTorch weights file ({str(error).splitlines()[0]})") from None
+        raise ValueError(f"{file}: not a readable PyTorch weights file ({_first_line(error)})") from None
+
+
+def _first_line(error: BaseException) -> str:
+    """The first line of an error's message; its kind when it has none (an ``EOFError`` from a truncated
+    file says nothing)."""
+    lines = str(error).strip().splitlines()
+    if lines:
+        return lines[0]
+    return "the file ends early: truncated or still being written" if isinstance(error, EOFError) else type(error).__name__
 
 
 def resample_pos_embed(

@@ -243,12 +243,16 @@ def pretrain(
     """Pre-train a ViT on Ray Train from shards; log to MLflow and register it as vit-pretrained.
 
     Running again with the same `name` resumes an interrupted run from its last checkpoint."""
+    from vit.data import check_dataset, read_dataset_index
     from workflows.local_ray import DriverBusyError, embedded_ray
     from workflows.pretrain import load_config, run_pretrain
 
     settings = _load_stage_config(config, load_config)
     _preflight(config, "dataset", settings.dataset, "tracking.uri", settings.tracking.uri)
     try:
+        # A dataset that cannot train a classifier is named before Ray starts (the stage checks it too).
+        check_dataset(read_dataset_index(settings.dataset), train_split=settings.train_split,
+                      eval_splits=[settings.val_split])
         with embedded_ray(settings.storage_path):
             result = run_pretrain(settings, parent_run_id=parent_run_id)
     except (FileNotFoundError, ValueError, DriverBusyError) as error:

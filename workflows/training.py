@@ -62,15 +62,21 @@ def train_worker(cfg: dict[str, Any]) -> None:
     train = train_loader(cfg["dataset"], data_config, rank=rank, world_size=world_size, split=cfg["train_split"])
     val = eval_loader(cfg["dataset"], data_config, rank=rank, world_size=world_size, split=cfg["val_split"])
 
-    resume_dir = None
+    resume_dir, copies = None, []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        resume_dir = checkpoint.to_directory()  # a local copy of the latest reported checkpoint
+        # A local copy of the latest reported checkpoint, one per worker: Ray's default folder is shared by
+        # the workers of a node, and a worker arriving after another's copy copies again over the files the
+        # first is reading (a truncated checkpoint.pt there).
+        resume_dir = checkpoint.to_directory(tempfile.mkdtemp(prefix=f"vitflow-resume-rank{rank}-"))
+        copies.append(resume_dir)
     newer = newest_persisted_checkpoint(cfg.get("run_storage"), than_step=checkpoint_step(resume_dir))
     if newer is not None:
         if rank == 0:
             print(f"resuming from {newer}: persisted after the checkpoint Ray Train had registered", flush=True)
         resume_dir = newer
+        if "://" in cfg["run_storage"]:  # a local copy of a checkpoint in remote storage
+            copies.append(newer)
     buffer = tracking.MetricBuffer(cfg["tracking_uri"], cfg["run_id"]) if rank == 0 else None
     if buffer is not None and resume_dir is None and cfg.get("pretrained") is not None:
         # The fine-tuning recipe's evidence: the head fit starts from is exactly zero (Section 3.2).
@@ -108,6 +114,8 @@ def train_worker(cfg: dict[str, Any]) -> None:
             spill = Path(cfg["offline_dir"]) / tracking.OFFLINE_METRICS if cfg.get("offline_dir") else None
             buffer.close(timeout_s=30.0, spill_path=spill)
         shutil.rmtree(local_checkpoints, ignore_errors=True)
+        for folder in copies:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def checkpoint_step(folder: str | None) -> int:

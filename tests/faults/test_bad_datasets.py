@@ -20,6 +20,7 @@ import yaml
 from pipeline import ShardConfig, write_shards
 from tests.conftest import DATASETS
 from vit.data import DatasetError, check_dataset, read_dataset_index, train_loader
+from workflows.local_ray import temp_root
 
 pytestmark = pytest.mark.slow
 
@@ -193,6 +194,7 @@ def test_the_pretrain_command_reports_it_without_a_traceback(one_class, tmp_path
     assert result.returncode == 2, result.stdout + result.stderr
     assert "Traceback" not in result.stderr
     assert f"dataset {one_class} cannot be trained on: it has 1 class ['a']" in result.stderr.replace("\n", "")
+    assert not temp_root(tmp_path / "runs").exists()  # refused before any Ray was started for the stage
 
 
 def test_the_loader_alone_would_only_notice_mid_training(one_class, tmp_path):

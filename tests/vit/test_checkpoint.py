@@ -64,3 +64,18 @@ def test_architecture_changes_are_refused():
         adapt_state_dict(VisionTransformer(tiny()).state_dict(), tiny(), tiny(embed_dim=64))
     with pytest.raises(ValueError, match="patch_size: 8 != 4"):
         adapt_state_dict(VisionTransformer(tiny()).state_dict(), tiny(), tiny(patch_size=4))
+
+
+def test_a_truncated_weights_file_is_named_not_a_crash(tmp_path):
+    """A checkpoint cut short (a copy still being written, a full disk) raises EOFError with no message
+    inside torch.load: the error names the file and says what is wrong."""
+    from vit.checkpoint import load_weights_only
+
+    whole = tmp_path / "whole.pt"
+    torch.save({"w": torch.ones(64)}, whole)
+    for size in (0, 1, 7):
+        cut = tmp_path / f"cut-{size}.pt"
+        cut.write_bytes(whole.read_bytes()[:size])
+        with pytest.raises(ValueError, match=rf"cut-{size}\.pt: (not a readable PyTorch weights file|refused to load)"):
+            load_weights_only(cut)
+    assert torch.equal(load_weights_only(whole)["w"], torch.ones(64))
