@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import math
-import shutil
 import statistics
 import tempfile
 from dataclasses import dataclass
@@ -382,11 +381,9 @@ def _finished_trial_result(uri: str, run_id: str, trial_storage: str, total_step
     if tracking.run_status(uri, run_id) != "FINISHED":
         if steps < total_steps:
             return None
-        last = newest_persisted_checkpoint(trial_storage, than_step=total_steps - 1)
-        if last is None:
-            return None
-        if "://" in trial_storage:  # a local copy of a remote checkpoint, made to read its step
-            shutil.rmtree(last, ignore_errors=True)
+        with tempfile.TemporaryDirectory(prefix="vitflow-trial-") as scratch:  # remote storage: a copy to read
+            if newest_persisted_checkpoint(trial_storage, than_step=total_steps - 1, scratch=scratch) is None:
+                return None
     return {**{k: v for k, v in metrics.items() if k.startswith(("val/", "train/"))}, "step": steps,
             "checkpoint_path": checkpoints[-1]}
 

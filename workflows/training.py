@@ -62,28 +62,27 @@ def train_worker(cfg: dict[str, Any]) -> None:
     train = train_loader(cfg["dataset"], data_config, rank=rank, world_size=world_size, split=cfg["train_split"])
     val = eval_loader(cfg["dataset"], data_config, rank=rank, world_size=world_size, split=cfg["val_split"])
 
-    resume_dir, copies = None, []
+    # This worker's folder: the checkpoints it writes, and the copies it resumes from (removed at the end).
+    local_checkpoints = Path(tempfile.mkdtemp(prefix="vitflow-ckpt-"))
+    resume_dir = None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        # A local copy of the latest reported checkpoint, one per worker: Ray's default folder is shared by
-        # the workers of a node, and a worker arriving after another's copy copies again over the files the
-        # first is reading (a truncated checkpoint.pt there).
-        resume_dir = checkpoint.to_directory(tempfile.mkdtemp(prefix=f"vitflow-resume-rank{rank}-"))
-        copies.append(resume_dir)
-    newer = newest_persisted_checkpoint(cfg.get("run_storage"), than_step=checkpoint_step(resume_dir))
+        # A local copy of the latest reported checkpoint, in this worker's own folder: Ray's default folder
+        # is shared by the workers of a node, and a worker arriving after another's copy copies again over
+        # the files the first is reading (a truncated checkpoint.pt there).
+        resume_dir = checkpoint.to_directory(str(local_checkpoints / "reported"))
+    newer = newest_persisted_checkpoint(cfg.get("run_storage"), than_step=checkpoint_step(resume_dir),
+                                        scratch=local_checkpoints)
     if newer is not None:
         if rank == 0:
             print(f"resuming from {newer}: persisted after the checkpoint Ray Train had registered", flush=True)
         resume_dir = newer
-        if "://" in cfg["run_storage"]:  # a local copy of a checkpoint in remote storage
-            copies.append(newer)
     buffer = tracking.MetricBuffer(cfg["tracking_uri"], cfg["run_id"]) if rank == 0 else None
     if buffer is not None and resume_dir is None and cfg.get("pretrained") is not None:
         # The fine-tuning recipe's evidence: the head fit starts from is exactly zero (Section 3.2).
         buffer.log(0, {"init/head_abs_max": float(model.head.weight.abs().max()), "init/head_bias_abs_max": float(model.head.bias.abs().max())})
         buffer.flush_if_healthy()
     progress = Progress(train_config.total_steps, data_config.batch_size * world_size * train_config.grad_accum_steps)
-    local_checkpoints = Path(tempfile.mkdtemp(prefix="vitflow-ckpt-"))
 
     def report(step: int, metrics: dict[str, float], checkpoint_dir: str | None = None) -> None:
         if cfg.get("fail_at_step") and rank == 0 and step >= cfg["fail_at_step"] and not os.path.exists(cfg["fault_marker"]):
@@ -114,8 +113,6 @@ def train_worker(cfg: dict[str, Any]) -> None:
             spill = Path(cfg["offline_dir"]) / tracking.OFFLINE_METRICS if cfg.get("offline_dir") else None
             buffer.close(timeout_s=30.0, spill_path=spill)
         shutil.rmtree(local_checkpoints, ignore_errors=True)
-        for folder in copies:
-            shutil.rmtree(folder, ignore_errors=True)
 
 
 def checkpoint_step(folder: str | None) -> int:
@@ -139,8 +136,9 @@ def persisted_checkpoints(run_storage: str):
     return fs, sorted(i.path for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_"))
 
 
-def newest_persisted_checkpoint(run_storage: str | None, than_step: int) -> str | None:
-    """A complete checkpoint of this run newer than ``than_step``, as a local folder, or None.
+def newest_persisted_checkpoint(run_storage: str | None, than_step: int, scratch: str | Path) -> str | None:
+    """A complete checkpoint of this run newer than ``than_step``, as a local folder, or None. A checkpoint
+    in remote storage is copied into a new folder under ``scratch`` (the caller's, removed by the caller).
 
     Ray Train registers a checkpoint when its controller collects the worker's report, which comes after
     the worker has persisted it: a worker killed in between (SIGKILL, OOM, a lost node) would make the
@@ -156,20 +154,14 @@ def newest_persisted_checkpoint(run_storage: str | None, than_step: int) -> str 
     fs, names = persisted_checkpoints(run_storage)
     local = "://" not in run_storage
     for path in reversed(names[-3:]):  # newest first
-        folder = path if local else tempfile.mkdtemp(prefix="vitflow-resume-")
+        folder = path if local else tempfile.mkdtemp(prefix="persisted-", dir=scratch)
         try:
             if not local:
                 pafs.copy_files(path, folder, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
             step = int(load_checkpoint(folder)["step"])
         except Exception:  # incomplete (being written when the worker died): try the one before
-            if not local:
-                shutil.rmtree(folder, ignore_errors=True)
             continue
-        if step > than_step:
-            return folder
-        if not local:
-            shutil.rmtree(folder, ignore_errors=True)
-        return None
+        return folder if step > than_step else None
     return None
 
 
