@@ -145,8 +145,12 @@ def test_submit_pretraining_to_a_two_node_cluster(tmp_path, cifar_shards, two_no
 def test_leftovers_are_found_by_their_command_line(tmp_path):
     marker = str(tmp_path / "marker")
     assert processes_mentioning(marker) == []
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", marker])
+    # Popen returns once the child's exec has begun, which is before the kernel sets its new command line:
+    # wait for the child to say it runs (its command line is set by then), or the check races the exec.
+    child = subprocess.Popen([sys.executable, "-c", "import time; print('up', flush=True); time.sleep(30)", marker],
+                             stdout=subprocess.PIPE, text=True)
     try:
+        assert child.stdout.readline() == "up\n"
         assert processes_mentioning(marker) == [child.pid]
     finally:
         child.kill()
