@@ -89,6 +89,17 @@ def reap(root: str | Path, grace_s: float = 10.0) -> list[int]:
     return pids
 
 
+def settle(root: str | Path, wait_s: float = 10.0) -> list[int]:
+    """After ``ray.shutdown()`` of a head started in ``root``: wait up to ``wait_s`` for the processes that
+    outlive it (the dashboard and runtime-env agents notice their raylet is gone and exit on their own, in
+    about two seconds), then stop what is left, so a driver leaves no Ray process behind when it returns.
+    Returns the PIDs that had to be stopped."""
+    deadline = time.monotonic() + wait_s
+    while processes_under(root) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return reap(root, grace_s=5.0)
+
+
 @contextlib.contextmanager
 def driver_lock(workdir: str | Path) -> Iterator[bool]:
     """Hold ``workdir``'s driver lock for the block. Yields True when a previous driver died holding it
@@ -157,3 +168,4 @@ def embedded_ray(workdir: str | Path, *, num_cpus: int | None = None,
             yield True
         finally:
             ray.shutdown()
+            settle(root)

@@ -94,9 +94,12 @@ def test_a_sigkilled_worker_is_replaced_and_loses_at_most_one_checkpoint_interva
     workers = wait_for(lambda: list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]),
                        60, "the training worker actor")
     time.sleep(1.0)  # a little past the checkpoint: some work to lose
+    # Frozen first, then its newest complete checkpoint read, then killed: a checkpoint it was writing
+    # cannot complete between the look and the kill (the replacement would resume from that one instead).
+    os.kill(workers[0].pid, signal.SIGSTOP)
+    killed_at = time.time()
     checkpointed = max(checkpoint_steps(run_dir))
     os.kill(workers[0].pid, signal.SIGKILL)
-    killed_at = time.time()
     result = join()
 
     assert result.metrics["step"] == 60  # exactly the configured step count

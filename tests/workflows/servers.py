@@ -23,7 +23,12 @@ from pathlib import Path
 
 import requests
 
+from workflows.local_ray import reap
+
 VENV_BIN = Path(sys.executable).parent
+# How long a server gets to answer after it starts: a fresh SQLite store migrates first, and a loaded
+# 2-core machine runs at a small fraction of its idle speed (the start loops fail fast if it dies).
+STARTUP_S = 300
 
 
 def free_port() -> int:
@@ -78,10 +83,13 @@ class LocalCluster:
             "RAY_TMPDIR": str(self.temp_dir / "node0"),  # where the head records the cluster's address
             "RAY_USAGE_STATS_ENABLED": "0",
             "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "10",  # a test cluster has nothing worth 30 s of draining
+            # Ray Train's 60 s default for a worker group to start is short on a loaded 2-core machine (the
+            # local driver sets the same; set here so no test depends on another having run first).
+            "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "600",
             "MLFLOW_DISABLE_TELEMETRY": "true",
         }
 
-    def start(self, timeout_s: float = 120) -> LocalCluster:
+    def start(self, timeout_s: float = 300) -> LocalCluster:  # a loaded 2-core machine is slow to start Ray
         self.root.mkdir(parents=True, exist_ok=True)
         for index, resources in enumerate(self.nodes):
             self._start_node(index, resources)
@@ -191,7 +199,7 @@ class MlflowServer:
             self.process = subprocess.Popen(self.command, env=self.env, stdout=log, stderr=subprocess.STDOUT,
                                             start_new_session=True)
         try:
-            deadline = time.monotonic() + 90
+            deadline = time.monotonic() + STARTUP_S
             while time.monotonic() < deadline:
                 if self.process.poll() is not None:
                     raise RuntimeError(f"the MLflow server exited ({self.process.returncode}); see {self.log_path}")
@@ -201,7 +209,7 @@ class MlflowServer:
                 except requests.RequestException:
                     pass
                 time.sleep(0.5)
-            raise TimeoutError(f"the MLflow server did not answer in 90 s; see {self.log_path}")
+            raise TimeoutError(f"the MLflow server did not answer in {STARTUP_S} s; see {self.log_path}")
         except BaseException:
             self.__exit__()
             raise
@@ -242,25 +250,6 @@ def processes_mentioning(text: str) -> list[int]:
 
 
 def kill_processes_mentioning(text: str, grace_s: float = 10) -> None:
-    pids = processes_mentioning(text)
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    deadline = time.monotonic() + grace_s
-    while pids and time.monotonic() < deadline:
-        time.sleep(0.5)
-        pids = [pid for pid in pids if Path(f"/proc/{pid}").exists() and _not_zombie(pid)]
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
-def _not_zombie(pid: int) -> bool:
-    try:
-        return " Z " not in Path(f"/proc/{pid}/stat").read_text().split(")", 1)[1][:4]
-    except OSError:
-        return False
+    """SIGTERM the processes whose command line names ``text``, SIGKILL those left after ``grace_s``, and
+    wait until they are gone (the product's own reaper of a killed driver's Ray)."""
+    reap(text, grace_s=grace_s)

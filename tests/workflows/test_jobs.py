@@ -46,7 +46,7 @@ def test_an_unreachable_cluster_fails_fast_with_a_clear_message(tmp_path):
         result = vitflow(*args, timeout=60)
         assert result.returncode == 1, result.stderr
         assert f"cannot reach the Ray dashboard at {address}" in result.stderr and "Traceback" not in result.stderr
-        assert time.monotonic() - start < 30
+        assert time.monotonic() - start < 45  # start-up (imports, slow on a loaded machine) and one refused connection
 
 
 def test_submit_and_ui_reject_user_mistakes(tmp_path):
