@@ -19,6 +19,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import mlflow
 import numpy as np
@@ -642,6 +643,12 @@ def load_plain_model(tracking_uri: str, model_uri: str) -> PlainModel:
     logged ViT to its weights, config and class names."""
     local = Path(model_uri)
     if not local.exists():
+        if not urlparse(model_uri).scheme:
+            raise ValueError(f"model {model_uri!r}: no such folder (give a model folder, or a models:/ or runs:/ URI)")
+        store = Path(tracking_uri.removeprefix("sqlite:///")) if tracking_uri.startswith("sqlite:///") else None
+        if store is not None and not store.is_file():  # MLflow would create an empty store to look in
+            raise ValueError(f"model {model_uri!r} cannot be resolved: there is no tracking store at {store} "
+                             "(run where the workflow's mlflow.db is, or give its tracking URI)")
         try:
             with _using(tracking_uri):
                 local = Path(mlflow.artifacts.download_artifacts(artifact_uri=_logged_model_uri(tracking_uri, model_uri)))

@@ -106,9 +106,18 @@ def test_missing_files_and_folders_are_named(tmp_path, cifar_shards):
     fails_clearly(["run", str(spec)], str(spec), "preprocess.corpus.source", str(missing / "corpus"), code=1)
     fails_clearly(["validate", str(spec)], "preprocess.corpus.source", code=2)
     assert not (tmp_path / "work" / "mlflow.db").exists()
-    # An evaluation of a model the (existing) store does not have.
+    # An evaluation in a folder with no tracking store: named, and no empty store left behind.
+    fails_clearly(["evaluate", "models:/vit-finetuned/99", str(cifar_shards)], "models:/vit-finetuned/99",
+                  f"no tracking store at {tmp_path / 'mlflow.db'}", code=2, cwd=tmp_path)
+    assert not (tmp_path / "mlflow.db").exists()
+    fails_clearly(["evaluate", str(missing / "model"), str(cifar_shards), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"],
+                  str(missing / "model"), "no such folder", code=2)
+    # An evaluation of a model an existing store does not have.
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(f"sqlite:///{tmp_path / 'empty.db'}").search_experiments()  # creates the store
     fails_clearly(["evaluate", "models:/vit-finetuned/99", str(cifar_shards), "--tracking-uri",
-                   f"sqlite:///{tmp_path / 'empty.db'}"], "models:/vit-finetuned/99", code=2)
+                   f"sqlite:///{tmp_path / 'empty.db'}"], "models:/vit-finetuned/99", "not found", code=2)
 
 
 # --- unreachable Ray -----------------------------------------------------------------------------------
