@@ -116,9 +116,9 @@ def check_models(spec: WorkflowSpec, tracking_uri: str) -> None:
     for key, uri in references:
         if uri is None or not uri.startswith(("models:/", "runs:/")):
             continue  # a local folder: its existence was checked at load
-        if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri.removeprefix("sqlite:///")).is_file():
-            raise PreflightError(f"{key}: {uri} does not exist: the tracking store {tracking_uri} has no models yet")
         from workflows import tracking
 
+        if tracking.missing_store(tracking_uri) is not None:
+            raise PreflightError(f"{key}: {uri} does not exist: the tracking store {tracking_uri} has no models yet")
         if not tracking.model_exists(tracking_uri, uri):
             raise PreflightError(f"{key}: {uri} does not exist in the tracking store {tracking_uri}")

@@ -222,6 +222,15 @@ def runs_with_tags(tracking_uri: str, experiment: str, tags: Mapping[str, str], 
     return client.search_runs([found.experiment_id], filter_string=query, order_by=["attributes.start_time DESC"])
 
 
+def missing_store(tracking_uri: str) -> Path | None:
+    """The file of an embedded store (``sqlite:///PATH``) that does not exist yet, else None: MLflow would
+    create an empty store there on first use, e.g. just to look a model up in it."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    path = Path(tracking_uri.removeprefix("sqlite:///"))
+    return None if path.is_file() else path
+
+
 def model_exists(tracking_uri: str, model_uri: str) -> bool:
     """Whether a registered version (``models:/NAME/VERSION``, ``models:/NAME@ALIAS``), a logged model
     (``models:/m-...``) or a run (``runs:/ID/...``) exists."""
@@ -645,8 +654,8 @@ def load_plain_model(tracking_uri: str, model_uri: str) -> PlainModel:
     if not local.exists():
         if not urlparse(model_uri).scheme:
             raise ValueError(f"model {model_uri!r}: no such folder (give a model folder, or a models:/ or runs:/ URI)")
-        store = Path(tracking_uri.removeprefix("sqlite:///")) if tracking_uri.startswith("sqlite:///") else None
-        if store is not None and not store.is_file():  # MLflow would create an empty store to look in
+        store = missing_store(tracking_uri)
+        if store is not None:
             raise ValueError(f"model {model_uri!r} cannot be resolved: there is no tracking store at {store} "
                              "(run where the workflow's mlflow.db is, or give its tracking URI)")
         try:
