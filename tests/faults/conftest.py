@@ -20,6 +20,20 @@ from tests.workflows.conftest import (  # noqa: F401  (fixtures, re-exported for
 VITFLOW = str(Path(sys.executable).parent / "vitflow")
 
 
+def checkpoint_steps(run_dir: Path, folders: str = "checkpoint_*") -> list[int]:
+    """Steps of the checkpoints Ray Train has persisted under ``run_dir`` in folders matching ``folders``
+    (complete ones only: a folder appears before its file is copied in)."""
+    from vit.loop import CHECKPOINT_FILE, load_checkpoint
+
+    steps = []
+    for file in run_dir.glob(f"{folders}/{CHECKPOINT_FILE}") if run_dir.is_dir() else []:
+        try:
+            steps.append(int(load_checkpoint(file)["step"]))
+        except Exception:  # being written right now
+            continue
+    return sorted(steps)
+
+
 def wait_for(condition: Callable[[], object], timeout_s: float, what: str, every_s: float = 0.5):
     """Poll ``condition`` until it returns something truthy (returned) or fail after ``timeout_s``."""
     deadline = time.monotonic() + timeout_s

@@ -14,9 +14,8 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from tests.faults.conftest import VITFLOW, vitflow, wait_for
+from tests.faults.conftest import VITFLOW, checkpoint_steps, vitflow, wait_for
 from vit import ViTConfig, VisionTransformer
-from vit.loop import load_checkpoint
 from workflows import tracking
 from workflows.local_ray import processes_under, temp_root
 
@@ -36,18 +35,6 @@ def sigkill(driver: subprocess.Popen) -> float:
     os.kill(driver.pid, signal.SIGKILL)
     driver.wait(timeout=30)
     return time.time()
-
-
-def complete_checkpoints(runs: Path, pattern: str) -> list[Path]:
-    """Checkpoint folders whose checkpoint loads (not one still being copied)."""
-    complete = []
-    for folder in sorted(runs.glob(pattern)) if runs.is_dir() else []:
-        try:
-            load_checkpoint(folder)
-        except Exception:  # being written right now
-            continue
-        complete.append(folder)
-    return complete
 
 
 def runs_of(uri: str, experiment: str, query: str) -> list:
@@ -72,7 +59,7 @@ def test_a_killed_workflow_resumes_pretraining_and_registers_one_version(tmp_pat
     driver = start_driver(spec, log)
     try:
         # A complete one (its folder appears before its file is copied in): the rerun must find it.
-        wait_for(lambda: complete_checkpoints(workdir / "runs", "killed-pretrain-*/checkpoint_*"), 900,
+        wait_for(lambda: checkpoint_steps(workdir / "runs", "killed-pretrain-*/checkpoint_*"), 900,
                  "pre-training's first checkpoint", every_s=0.5)
         time.sleep(2)
     finally:

@@ -15,10 +15,9 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from tests.faults.conftest import vitflow, wait_for
+from tests.faults.conftest import checkpoint_steps, vitflow, wait_for
 from tests.workflows.servers import MlflowServer, free_port
 from vit import VisionTransformer
-from vit.loop import CHECKPOINT_FILE, load_checkpoint
 from workflows import tracking
 from workflows.pretrain import PretrainConfig, run_pretrain
 
@@ -42,17 +41,6 @@ def settings(tmp_path: Path, shards: Path, name: str, uri: str, *, steps: int, c
     )
     fields.update(changes)
     return PretrainConfig.model_validate(fields)
-
-
-def checkpoint_steps(run_dir: Path) -> list[int]:
-    """Steps of the checkpoints Ray Train has persisted for a run (complete ones only)."""
-    steps = []
-    for file in run_dir.glob(f"checkpoint_*/{CHECKPOINT_FILE}"):
-        try:
-            steps.append(int(load_checkpoint(file)["step"]))
-        except Exception:  # being written right now
-            continue
-    return sorted(steps)
 
 
 def history(uri: str, run_id: str, key: str = "train/loss"):
