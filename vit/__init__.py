@@ -10,6 +10,7 @@ from vit.flops import forward_flops, gflops, train_flops
 from vit.loop import NonFiniteLossError, TrainConfig, evaluate, fit, load_checkpoint
 from vit.model import VisionTransformer
 from vit.optim import OptimConfig, build_optimizer, build_schedule, param_groups
+from vit.precision import Hardware, probe, resolve_precision
 
 __all__ = [
     "Batch",
@@ -17,6 +18,7 @@ __all__ = [
     "DataConfig",
     "DataError",
     "FinetuneConfig",
+    "Hardware",
     "NonFiniteLossError",
     "OptimConfig",
     "ShardLoader",
@@ -32,8 +34,10 @@ __all__ = [
     "paper_finetune_optim",
     "param_groups",
     "predict",
+    "probe",
     "prepare_finetune_model",
     "read_dataset_index",
+    "resolve_precision",
     "train_loader",
     "VARIANTS",
     "ViTConfig",

@@ -14,17 +14,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from vit.loop import Precision, autocast, check_precision
+from vit.precision import PrecisionChoice, autocast, probe, resolve_precision
 
 
 @torch.no_grad()
 def predict(model: nn.Module, batches: Iterable[Any], *, device: str | torch.device = "cpu",
-            precision: Precision = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
+            precision: PrecisionChoice = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
     """Logits (N, K) float32 and labels (N,) int64 on the CPU for every sample of ``batches`` (tuples of
     ``(images, targets, ...)``), in order. Soft targets (B, K) become their argmax. The model runs in eval
     mode and is left in the mode it came in."""
     device = torch.device(device)
-    check_precision(precision, device)
+    precision = resolve_precision(precision, probe(device))
     was_training = model.training
     model.eval()
     logits, labels = [], []

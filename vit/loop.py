@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -34,17 +34,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from vit.checkpoint import load_weights_only
+from vit.config import ViTConfig
 from vit.data import DatasetError, derive_seed
+from vit.flops import train_flops
 from vit.optim import OptimConfig, build_optimizer, build_schedule
+from vit.precision import CHOICES, PrecisionChoice, autocast, probe, resolve_precision
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "checkpoint.pt"
 CHECKPOINT_FORMAT = "vitflow-checkpoint"
 CHECKPOINT_VERSION = 1
-
-Precision = Literal["fp32", "bf16", "fp16"]
-
 
 class NonFiniteLossError(FloatingPointError):
     """The training loss or gradient became NaN or infinite: the run diverged (early-stopping signal for
@@ -59,7 +59,9 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     grad_accum_steps: int = 1
     label_smoothing: float = 0.0
-    precision: Precision = "fp32"  # bf16: autocast (CPU or CUDA); fp16: autocast + GradScaler (CUDA only)
+    # auto: chosen for the training device (vit.precision); bf16: autocast (CPU or CUDA); fp16: autocast +
+    # GradScaler (CUDA only); fp32: no autocast
+    precision: PrecisionChoice = "auto"
     compile: bool = False  # torch.compile the training forward
     log_every: int = 10
     eval_every: int = 0  # 0: evaluate only at the end
@@ -78,8 +80,8 @@ class TrainConfig:
                 problems.append(f"{name} must be an integer >= 0, got {getattr(self, name)!r}")
         if not 0 <= self.label_smoothing < 1:
             problems.append(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        if self.precision not in ("fp32", "bf16", "fp16"):
-            problems.append(f"precision must be 'fp32', 'bf16' or 'fp16', got {self.precision!r}")
+        if self.precision not in CHOICES:
+            problems.append(f"precision must be one of {', '.join(repr(c) for c in CHOICES)}, got {self.precision!r}")
         if isinstance(self.total_steps, int) and self.optim.warmup_steps > self.total_steps:
             problems.append(f"optim.warmup_steps {self.optim.warmup_steps} exceed total_steps {self.total_steps}")
         if problems:
@@ -112,29 +114,12 @@ class Report(Protocol):
     def __call__(self, step: int, metrics: dict[str, float], checkpoint_dir: str | None = None) -> None: ...
 
 
-# --- precision -----------------------------------------------------------------------------------
-
-
-def check_precision(precision: Precision, device: torch.device) -> None:
-    if precision == "fp16" and device.type != "cuda":
-        raise ValueError(
-            f"precision 'fp16' needs a CUDA device (it relies on a GradScaler), got device {device.type!r}; "
-            "use 'bf16' on the CPU"
-        )
-
-
-def autocast(precision: Precision, device: torch.device) -> contextlib.AbstractContextManager:
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-
-
 # --- evaluation ----------------------------------------------------------------------------------
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: Iterable[Any], *, device: str | torch.device = "cpu",
-             precision: Precision = "fp32",
+             precision: PrecisionChoice = "fp32",
              all_reduce: Callable[[torch.Tensor], torch.Tensor | None] | None = None) -> dict[str, float]:
     """Loss (cross-entropy, no smoothing), top-1 and top-5 accuracy over every batch of ``data``.
 
@@ -144,7 +129,7 @@ def evaluate(model: nn.Module, data: Iterable[Any], *, device: str | torch.devic
     DDP): ranks may hold different batch counts, and only this final reduction synchronises them.
     """
     device = torch.device(device)
-    check_precision(precision, device)
+    precision = resolve_precision(precision, probe(device))
     was_training = model.training
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top-1 hits, top-5 hits, samples
@@ -245,6 +230,7 @@ def fit(
     prepare_model: Callable[[nn.Module], nn.Module] | None = None,
     all_reduce: Callable[[torch.Tensor], torch.Tensor | None] | None = None,
     metadata: Mapping[str, Any] | None = None,
+    peak_flops: float | None = None,
 ) -> dict[str, float]:
     """Train ``model`` for exactly ``config.total_steps`` optimiser steps; return the last metrics.
 
@@ -252,13 +238,20 @@ def fit(
     in DDP); checkpoints and evaluation use the unwrapped ``model``. ``resume_from`` is a checkpoint
     directory this function wrote: the run continues at its step, schedule and data position.
     ``metadata`` (plain JSON-like values: data config, class names) is stored in every checkpoint.
+    ``config.precision`` is resolved for ``device`` here (``auto``: see ``vit.precision``); checkpoints
+    record the precision used.
+
+    Each log step also reports this rank's speed over the window since the last: ``perf/images_per_sec``,
+    ``perf/data_wait_fraction`` (the share of the window's training time spent waiting for the next batch)
+    and, given the device's ``peak_flops`` (``vit.perf.peak_flops``), ``perf/mfu``: model training FLOPs per
+    second (``vit.flops.train_flops``) over that peak.
     """
     device = torch.device(device)
-    check_precision(config.precision, device)
+    precision = resolve_precision(config.precision, probe(device))
     model.to(device)
     optimizer = build_optimizer(model, config.optim)
     schedule = build_schedule(optimizer, config.optim, config.total_steps)
-    scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     step, epoch, batch_in_epoch = 0, 0, 0
     if resume_from is not None:
         state = load_checkpoint(resume_from)
@@ -290,18 +283,22 @@ def fit(
     accum = config.grad_accum_steps
     loss_sum, logged_steps, images_seen = torch.zeros((), device=device), 0, 0
     tick, paused = time.perf_counter(), 0.0  # paused: evaluation and checkpoint time, not counted in img/s
+    waited = 0.0  # time spent in the loader's next() this window
+    flops_per_image = train_flops(model.config) if isinstance(getattr(model, "config", None), ViTConfig) else None
     forward.train()
     try:
         while step < config.total_steps:
             optimizer.zero_grad(set_to_none=True)
             step_loss = torch.zeros((), device=device)
             for micro in range(accum):
+                asked = time.perf_counter()
                 epoch, batch_in_epoch, batch = next(stream)
+                waited += time.perf_counter() - asked
                 images = batch[0].to(device, non_blocking=True)
                 targets = batch[1].to(device, non_blocking=True)
                 sync = no_sync() if no_sync is not None and micro < accum - 1 else contextlib.nullcontext()
                 with sync:
-                    with autocast(config.precision, device):
+                    with autocast(precision, device):
                         logits = forward(images)  # (B, K)
                     loss = F.cross_entropy(logits.float(), targets, label_smoothing=config.label_smoothing)
                     scaler.scale(loss / accum).backward()
@@ -310,7 +307,7 @@ def fit(
             if not torch.isfinite(step_loss):
                 raise NonFiniteLossError(
                     f"training loss is {step_loss.item()} at step {step + 1} (epoch {epoch}); the run diverged "
-                    f"(lr {optimizer.param_groups[0]['lr']:.3g}, precision {config.precision})"
+                    f"(lr {optimizer.param_groups[0]['lr']:.3g}, precision {precision})"
                 )
             scaler.unscale_(optimizer)
             max_norm = config.optim.grad_clip_norm if config.optim.grad_clip_norm is not None else math.inf
@@ -320,7 +317,7 @@ def fit(
                 # divergence even while the loss still reads finite (overflowing weights: loss ~1e30).
                 raise NonFiniteLossError(
                     f"gradient norm is {grad_norm.item()} at step {step + 1} (epoch {epoch}); the run diverged "
-                    f"(lr {optimizer.param_groups[0]['lr']:.3g}, precision {config.precision})"
+                    f"(lr {optimizer.param_groups[0]['lr']:.3g}, precision {precision})"
                 )
             lr = optimizer.param_groups[0]["lr"]
             scaler.step(optimizer)
@@ -335,23 +332,29 @@ def fit(
             metrics: dict[str, float] = {}
             final = step == config.total_steps
             if step % config.log_every == 0 or final:
-                elapsed = time.perf_counter() - tick - paused
+                loss_value = (loss_sum / logged_steps).item()  # waits for the device: the window ends here
+                elapsed = max(time.perf_counter() - tick - paused, 1e-9)
+                rate = images_seen / elapsed  # this rank's
                 metrics.update({
-                    "train/loss": (loss_sum / logged_steps).item(),
+                    "train/loss": loss_value,
                     "train/lr": lr,
                     "train/grad_norm": float(grad_norm),
-                    "train/images_per_sec": images_seen / max(elapsed, 1e-9),  # this rank's
+                    "train/images_per_sec": rate,
                     "train/epoch": epoch + batch_in_epoch / train_data.batches_per_epoch,
+                    "perf/images_per_sec": rate,
+                    "perf/data_wait_fraction": min(waited / elapsed, 1.0),
                 })
+                if peak_flops and flops_per_image:
+                    metrics["perf/mfu"] = rate * flops_per_image / peak_flops
                 stats = getattr(train_data, "stats", None)
                 if stats is not None:
                     metrics.update({"data/bad_samples": stats.bad_samples, "data/bad_shards": stats.bad_shards})
                 loss_sum.zero_()
-                logged_steps, images_seen = 0, 0
+                logged_steps, images_seen, waited = 0, 0, 0.0
                 tick, paused = time.perf_counter(), 0.0
             started = time.perf_counter()
             if eval_data is not None and (final or (config.eval_every and step % config.eval_every == 0)):
-                results = evaluate(model, eval_data, device=device, precision=config.precision, all_reduce=all_reduce)
+                results = evaluate(model, eval_data, device=device, precision=precision, all_reduce=all_reduce)
                 metrics.update({f"val/{name}": value for name, value in results.items()})
                 forward.train()
             saved = None
@@ -370,6 +373,7 @@ def fit(
                         "scaler": scaler.state_dict(),
                         "rng": _rng_state(),
                         "train_config": config.to_dict(),
+                        "precision": precision,
                         "metadata": extra,
                     })
                 metrics.setdefault("train/epoch", epoch + batch_in_epoch / train_data.batches_per_epoch)

@@ -1,11 +1,13 @@
-"""The fine-tuning stage: a Ray Tune search over resolution and learning rate, each trial a Ray Train run
+"""The fine-tuning stage: a Ray Tune search over resolution and learning rate, each trial a training run
 that starts from the pre-trained model (paper Section 3.2: zero-initialised head, position embeddings
 interpolated in 2D to the new grid, SGD with momentum).
 
-Ray Train V2 + Tune: the trainable is a function that builds and fits a ``TorchTrainer`` whose workers
-report through ``TuneReportCallback``. A trial's function holds no CPU (it would starve its own workers on
-a small machine): it asks for the custom resource :data:`TRIAL_DRIVER_RESOURCE` instead, which vitflow
-gives the local Ray it starts (a cluster declares it on its head node, see ``cluster.yaml``).
+A trial of one worker (``resources.num_workers: 1``, the usual fine-tuning search) trains in the Tune
+trial's own process, which Tune reuses for the next trial: nothing is started per trial. A trial of several
+workers is a Ray Train run (Train V2 + Tune: the trainable builds and fits a ``TorchTrainer`` whose workers
+report through ``TuneReportCallback``); its function holds no CPU (it would starve its own workers on a
+small machine): it asks for the custom resource :data:`TRIAL_DRIVER_RESOURCE` instead, which vitflow gives
+the local Ray it starts (a cluster declares it on its head node, see ``cluster.yaml``).
 
 MLflow: a run for the search (nested under the workflow's run when given) and a child run per trial;
 the best trial's model is logged, registered as ``vit-finetuned``, and given the alias ``champion`` when it
@@ -241,7 +243,7 @@ def _search(config: FinetuneSearchConfig, pretrained, index, tracking_uri: str, 
         "tracking_uri": tracking_uri,
         "search_run_id": search_run_id,
     }
-    trainable = tune.with_resources(tune.with_parameters(run_trial, shared=shared), _trial_resources())
+    trainable = tune.with_resources(tune.with_parameters(run_trial, shared=shared), _trial_resources(config.resources))
     storage = absolute_uri(config.storage_path)
     path = f"{storage.rstrip('/')}/{config.name}"
     if Tuner.can_restore(path):
@@ -256,16 +258,22 @@ def _search(config: FinetuneSearchConfig, pretrained, index, tracking_uri: str, 
             tune_config=TuneConfig(metric=METRIC, mode="max", num_samples=config.search.num_samples,
                                    max_concurrent_trials=(config.search.max_concurrent_trials
                                                           if config.search.search_alg == "optuna" else None),
-                                   scheduler=scheduler, search_alg=search_alg),
+                                   scheduler=scheduler, search_alg=search_alg,
+                                   # in-process trials: the next trial reuses a finished one's process
+                                   reuse_actors=in_process_trials(config.resources)),
             run_config=RunConfig(name=config.name, storage_path=storage,
                                  failure_config=FailureConfig(max_failures=config.search.max_failures)),
         )
     return tuner.fit()
 
 
-def _trial_resources() -> dict[str, float]:
+def _trial_resources(resources: Resources) -> dict[str, float]:
+    """What a trial's own process holds: the worker's CPUs (and GPU) when it trains itself, else only a
+    trial-driver slot (holding a CPU would starve its own workers on a small machine)."""
     import ray
 
+    if in_process_trials(resources):
+        return {"CPU": resources.cpus_per_worker, **({"GPU": 1} if resources.use_gpu else {})}
     if ray.cluster_resources().get(TRIAL_DRIVER_RESOURCE, 0) >= 1:
         return {TRIAL_DRIVER_RESOURCE: 1}
     log.warning("the Ray cluster declares no %r resource: trial drivers take 0.01 CPU, which may limit "
@@ -274,15 +282,12 @@ def _trial_resources() -> dict[str, float]:
 
 
 def run_trial(params: dict[str, Any], shared: dict[str, Any]) -> None:
-    """One trial (runs in a Tune trial actor): a child MLflow run and a ``TorchTrainer`` fit whose
-    workers report to Tune through ``TuneReportCallback``."""
+    """One trial (runs in a Tune trial actor): a child MLflow run, and training in this process (one
+    worker) or a ``TorchTrainer`` fit whose workers report to Tune through ``TuneReportCallback``."""
     from ray import tune
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     from workflows import tracking
-    from workflows.training import train_worker
+    from workflows.training import train_in_trial
 
     config = FinetuneSearchConfig.model_validate(shared["config"])
     pretrained = ViTConfig.from_dict(shared["pretrained"]["config"])
@@ -326,20 +331,47 @@ def run_trial(params: dict[str, Any], shared: dict[str, Any]) -> None:
                                           "finetune": sections["finetune"], "gflops_per_image": round(gflops(target), 4),
                                           "pretrained": shared["pretrained"]["uri"]})
     resources = config.resources
-    trainer = TorchTrainer(
+    worker_config = {
+        **sections,
+        "dataset": absolute_uri(config.dataset),
+        "train_split": config.train_split,
+        "val_split": config.val_split,
+        "class_names": shared["class_names"],
+        "tracking_uri": uri,
+        "run_id": run_id,
+        "pretrained": shared["pretrained"],
+        "report_validation_only": True,  # every Tune result carries val/top1 (ASHA's metric)
+        "run_storage": trial_storage,
+    }
+    try:
+        if in_process_trials(resources):
+            train_in_trial(worker_config, cpus=resources.cpus_per_worker, use_gpu=resources.use_gpu)
+        else:
+            _fit_worker_group(config, trial_id, worker_config)
+    except Exception as error:  # e.g. a non-finite loss (vit.loop stops at once) or a worker that died
+        failed(error)
+        raise
+    tracking.end_run(uri, run_id)
+
+
+def in_process_trials(resources: Resources) -> bool:
+    """A trial of one worker trains in the Tune trial's own (reused) process: a Ray Train worker group
+    would add a controller and a worker process per trial and nothing a single worker needs (Tune
+    retries failed trials itself). Trials of several workers train as DDP on a Ray Train worker group."""
+    return resources.num_workers == 1
+
+
+def _fit_worker_group(config: FinetuneSearchConfig, trial_id: str, worker_config: dict[str, Any]) -> None:
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from workflows.training import train_worker
+
+    resources = config.resources
+    TorchTrainer(
         train_worker,
-        train_loop_config={
-            **sections,
-            "dataset": absolute_uri(config.dataset),
-            "train_split": config.train_split,
-            "val_split": config.val_split,
-            "class_names": shared["class_names"],
-            "tracking_uri": uri,
-            "run_id": run_id,
-            "pretrained": shared["pretrained"],
-            "report_validation_only": True,  # every Tune result carries val/top1 (ASHA's metric)
-            "run_storage": trial_storage,
-        },
+        train_loop_config=worker_config,
         scaling_config=ScalingConfig(
             num_workers=resources.num_workers, use_gpu=resources.use_gpu,
             resources_per_worker={"CPU": resources.cpus_per_worker, **({"GPU": 1} if resources.use_gpu else {})},
@@ -351,13 +383,7 @@ def run_trial(params: dict[str, Any], shared: dict[str, Any]) -> None:
             checkpoint_config=CheckpointConfig(num_to_keep=1),
             callbacks=[TuneReportCallback()],
         ),
-    )
-    try:
-        trainer.fit()
-    except Exception as error:  # e.g. a non-finite loss (vit.loop stops at once) or a worker that died
-        failed(error)
-        raise
-    tracking.end_run(uri, run_id)
+    ).fit()
 
 
 def _finished_trial_result(uri: str, run_id: str, trial_storage: str, total_steps: int) -> dict[str, Any] | None:

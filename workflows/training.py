@@ -1,8 +1,10 @@
-"""The Ray Train worker shared by pre-training and fine-tuning trials, and what it prints.
+"""The training function shared by pre-training and fine-tuning trials, and what it prints.
 
-Every worker runs plain ``vit.loop.fit``; the framework touch points are all here: rank and device from
-Ray, DDP through ``ray.train.torch.prepare_model``, checkpoints and metrics through ``ray.train.report``
-(which Tune's ``TuneReportCallback`` forwards to a search), and rank 0's metrics to MLflow.
+It runs plain ``vit.loop.fit``; the framework touch points are all here, behind a small ``WorkerSession``:
+on a Ray Train worker (``train_worker``) rank and device come from Ray, DDP through
+``ray.train.torch.prepare_model``, checkpoints and metrics through ``ray.train.report`` (which Tune's
+``TuneReportCallback`` forwards to a search); in a single-worker Tune trial (``train_in_trial``) the trial's
+own process trains, persists its checkpoints and reports to Tune. Rank 0's metrics go to MLflow.
 """
 
 from __future__ import annotations
@@ -12,12 +14,17 @@ import platform
 import shutil
 import tempfile
 import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from vit import ViTConfig
 from vit.data import DataConfig
 from vit.loop import TrainConfig
+from vit.precision import Hardware, SlowPrecisionWarning, probe, resolve_precision
 
 
 def system_tags() -> dict[str, str]:
@@ -35,47 +42,113 @@ def system_tags() -> dict[str, str]:
     return tags
 
 
+@dataclass(frozen=True)
+class WorkerSession:
+    """What a training function needs from whoever runs it: a Ray Train worker group (``train_worker``) or a
+    Tune trial's own process (``train_in_trial``). ``report`` takes the metrics and the local folder of a
+    checkpoint ``fit`` just wrote (or None) and is responsible for persisting that checkpoint."""
+
+    rank: int
+    world_size: int
+    device: Any  # torch.device
+    registered_checkpoint: Callable[[Path], str | None]  # copy the runner's latest checkpoint into a folder
+    report: Callable[[dict[str, float], str | None], None]
+    prepare_model: Callable[[Any], Any] | None = None
+    node: str = ""  # this worker's node, for its system metrics on multi-worker runs
+
+
 def train_worker(cfg: dict[str, Any]) -> None:
-    """Runs on every Ray Train worker: plain ``vit.loop.fit`` plus the framework touch points
-    (rank and device from Ray, DDP through ``prepare_model``, checkpoints and metrics through
-    ``ray.train.report``; rank 0 also sends metrics to MLflow)."""
+    """Runs on every Ray Train worker: rank and device from Ray, DDP through ``prepare_model``, checkpoints
+    and metrics through ``ray.train.report`` (forwarded to Tune by ``TuneReportCallback`` in a search)."""
     import ray.train
     import ray.train.torch
     import torch
 
-    from vit.data import eval_loader, train_loader
-    from vit.loop import fit
-    from workflows import tracking
-
     _quiet_ray_train_reports()
     context = ray.train.get_context()
-    rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
     if device.type == "cpu":
         # Ray sets OMP_NUM_THREADS from the worker's CPUs; make torch's intra-op pool match it.
         torch.set_num_threads(max(1, int(float(os.environ.get("OMP_NUM_THREADS", "1")))))
-    if rank == 0:
-        print(f"{world_size} worker(s) on {device}, {torch.get_num_threads()} torch threads each", flush=True)
-    model = initial_model(cfg)
+
+    def registered_checkpoint(folder: Path) -> str | None:
+        checkpoint = ray.train.get_checkpoint()
+        # A copy in this worker's own folder: Ray's default folder is shared by the workers of a node, and
+        # a worker arriving after another's copy copies again over the files the first is reading.
+        return None if checkpoint is None else checkpoint.to_directory(str(folder))
+
+    def report(metrics: dict[str, float], checkpoint_dir: str | None) -> None:
+        ray_checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=ray_checkpoint)
+        if checkpoint_dir:
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)  # persisted by Ray to the run's storage
+
+    rank = context.get_world_rank()
+    _train(cfg, WorkerSession(rank=rank, world_size=context.get_world_size(), device=device,
+                              registered_checkpoint=registered_checkpoint, report=report,
+                              prepare_model=ray.train.torch.prepare_model,
+                              node=f"rank{rank}-node{ray.get_runtime_context().get_node_id()[:8]}"))
+
+
+def train_in_trial(cfg: dict[str, Any], *, cpus: float, use_gpu: bool) -> None:
+    """A single-worker Tune trial trained in the trial's own process: no Ray Train controller and worker
+    group to start for it (on 2 cores those cost ~15 s a trial, most of a short trial's time). Metrics go
+    to Tune through ``tune.report``; checkpoints are persisted by this function into ``cfg["run_storage"]``
+    (named and kept like Ray Train's: ``checkpoint_<time>``, the newest only), and Tune gets their path."""
+    import torch
+    from ray import tune
+
+    device = torch.device("cuda" if use_gpu else "cpu")
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, int(cpus)))
+
+    def report(metrics: dict[str, float], checkpoint_dir: str | None) -> None:
+        if checkpoint_dir:
+            metrics = {**metrics, "checkpoint_path": persist_checkpoint(checkpoint_dir, cfg["run_storage"])}
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)
+        tune.report(metrics)
+
+    # A rerun of the trial (Tune's retry, or a restored search) resumes from its persisted checkpoints.
+    _train(cfg, WorkerSession(rank=0, world_size=1, device=device, registered_checkpoint=lambda folder: None,
+                              report=report))
+
+
+def _train(cfg: dict[str, Any], session: WorkerSession) -> None:
+    """Plain ``vit.loop.fit`` between the session's touch points; rank 0 also sends metrics to MLflow."""
+    import torch
+
+    from vit.data import eval_loader, train_loader
+    from vit.loop import fit
+    from vit.perf import peak_flops
+    from workflows import tracking
+
+    rank, world_size = session.rank, session.world_size
     data_config = DataConfig.from_dict(cfg["data"])
     train_config = TrainConfig.from_dict(cfg["train"])
+    hardware = probe(session.device)
+    with warnings.catch_warnings():  # fit warns about an emulated precision itself
+        warnings.simplefilter("ignore", SlowPrecisionWarning)
+        precision = resolve_precision(train_config.precision, hardware)
+    if rank == 0:
+        print(f"{world_size} worker(s) on {session.device}, {torch.get_num_threads()} torch threads each; "
+              f"precision {precision} ({train_config.precision}; {hardware.describe()})", flush=True)
+        _record_precision(cfg["tracking_uri"], cfg["run_id"], precision, hardware)
+    peak = peak_flops(session.device, precision)  # perf/mfu's denominator: measured once per machine
+    # CPU, memory (and GPU) of every worker's machine, named per worker when there are several.
+    monitor = tracking.start_system_metrics(cfg["tracking_uri"], cfg["run_id"],
+                                            node_id=session.node if world_size > 1 else None)
+    model = initial_model(cfg)
     train = train_loader(cfg["dataset"], data_config, rank=rank, world_size=world_size, split=cfg["train_split"])
     val = eval_loader(cfg["dataset"], data_config, rank=rank, world_size=world_size, split=cfg["val_split"])
 
     # This worker's folder: the checkpoints it writes, and the copies it resumes from (removed at the end).
     local_checkpoints = Path(tempfile.mkdtemp(prefix="vitflow-ckpt-"))
-    resume_dir = None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        # A local copy of the latest reported checkpoint, in this worker's own folder: Ray's default folder
-        # is shared by the workers of a node, and a worker arriving after another's copy copies again over
-        # the files the first is reading (a truncated checkpoint.pt there).
-        resume_dir = checkpoint.to_directory(str(local_checkpoints / "reported"))
+    resume_dir = session.registered_checkpoint(local_checkpoints / "reported")
     newer = newest_persisted_checkpoint(cfg.get("run_storage"), than_step=checkpoint_step(resume_dir),
                                         scratch=local_checkpoints)
     if newer is not None:
         if rank == 0:
-            print(f"resuming from {newer}: persisted after the checkpoint Ray Train had registered", flush=True)
+            print(f"resuming from {newer}: persisted after the checkpoint the runner had registered", flush=True)
         resume_dir = newer
     buffer = tracking.MetricBuffer(cfg["tracking_uri"], cfg["run_id"]) if rank == 0 else None
     if buffer is not None and resume_dir is None and cfg.get("pretrained") is not None:
@@ -98,21 +171,52 @@ def train_worker(cfg: dict[str, Any]) -> None:
         validated = any(key.startswith("val/") for key in metrics)
         if cfg.get("report_validation_only") and not validated:
             return  # a Tune trial: Tune compares trials on validation metrics, MLflow has the rest
-        ray_checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        ray.train.report({**metrics, "step": step}, checkpoint=ray_checkpoint)
-        if checkpoint_dir:
-            shutil.rmtree(checkpoint_dir, ignore_errors=True)  # persisted by Ray to the run's storage
+        session.report({**metrics, "step": step}, checkpoint_dir)
 
     metadata = {"class_names": cfg["class_names"], "data": cfg["data"]}
     try:
         fit(model, train, val, train_config, report=report, checkpoint_dir=local_checkpoints,
-            resume_from=resume_dir, device=device, rank=rank,
-            prepare_model=ray.train.torch.prepare_model, metadata=metadata)
+            resume_from=resume_dir, device=session.device, rank=rank,
+            prepare_model=session.prepare_model, metadata=metadata, peak_flops=peak)
     finally:
+        if monitor is not None:
+            monitor.finish()
         if buffer is not None:
             spill = Path(cfg["offline_dir"]) / tracking.OFFLINE_METRICS if cfg.get("offline_dir") else None
             buffer.close(timeout_s=30.0, spill_path=spill)
         shutil.rmtree(local_checkpoints, ignore_errors=True)
+
+
+def _record_precision(tracking_uri: str, run_id: str, precision: str, hardware: Hardware) -> None:
+    """The precision the run trains with, resolved on this worker's device, as an MLflow param (and the
+    hardware it was resolved for as tags). A tracking outage does not stop training for it."""
+    from workflows import tracking
+
+    try:
+        tracking.log_params(tracking_uri, run_id, {"precision": precision})
+        tracking.set_tags(tracking_uri, run_id, {"system.device_capability": hardware.capability,
+                                                 "system.native_bf16": str(hardware.native_bf16)})
+    except Exception as error:
+        if not tracking.is_unreachable(error, tracking_uri):
+            raise
+        print(f"precision {precision} not recorded: MLflow at {tracking_uri} is unreachable ({error})", flush=True)
+
+
+def persist_checkpoint(folder: str, run_storage: str, keep: int = 1) -> str:
+    """Copy a local checkpoint folder into ``run_storage`` (a path or URI) as ``checkpoint_<time>``, named
+    like Ray Train's so that :func:`persisted_checkpoints` lists both; keep the newest ``keep``. Returns the
+    copy's path (a URI for remote storage)."""
+    import pyarrow.fs as pafs
+
+    fs, root = _filesystem(run_storage)
+    name = "checkpoint_" + datetime.now().strftime("%Y-%m-%d_%H-%M-%S.%f")
+    target = f"{root.rstrip('/')}/{name}"
+    fs.create_dir(target, recursive=True)
+    pafs.copy_files(folder, target, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    _, names = persisted_checkpoints(run_storage)
+    for old in names[:-keep]:
+        fs.delete_dir(old)
+    return target if "://" not in run_storage else f"{run_storage.split('://', 1)[0]}://{target}"
 
 
 def checkpoint_step(folder: str | None) -> int:
@@ -127,13 +231,21 @@ def persisted_checkpoints(run_storage: str):
     ``checkpoint_<date>_<time>``, so their names sort by time. No folders when the storage is absent."""
     import pyarrow.fs as pafs
 
-    local = "://" not in run_storage
-    fs, root = (pafs.LocalFileSystem(), run_storage) if local else pafs.FileSystem.from_uri(run_storage)
+    fs, root = _filesystem(run_storage)
     try:
         infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
     except OSError:
         return fs, []
     return fs, sorted(i.path for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_"))
+
+
+def _filesystem(run_storage: str):
+    """(pyarrow file system, path in it) of a local path or a URI."""
+    import pyarrow.fs as pafs
+
+    if "://" not in run_storage:
+        return pafs.LocalFileSystem(), run_storage
+    return pafs.FileSystem.from_uri(run_storage)
 
 
 def newest_persisted_checkpoint(run_storage: str | None, than_step: int, scratch: str | Path) -> str | None:

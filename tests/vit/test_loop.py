@@ -124,7 +124,7 @@ def test_resume_ends_at_total_steps_with_the_same_weights(cifar, tmp_path):
 
 
 def test_gradient_accumulation_matches_a_larger_batch():
-    config = dict(total_steps=3, log_every=3, optim=OptimConfig(lr=1e-3, grad_clip_norm=None))
+    config = dict(total_steps=3, log_every=3, precision="fp32", optim=OptimConfig(lr=1e-3, grad_clip_norm=None))
     small, large = tiny_model(), tiny_model()
     fit(small, random_data(batch_size=4), None, TrainConfig(grad_accum_steps=2, **config), report=Recorder())
     fit(large, random_data(batch_size=8), None, TrainConfig(grad_accum_steps=1, **config), report=Recorder())

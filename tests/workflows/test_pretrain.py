@@ -9,7 +9,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from pydantic import ValidationError
 
-from vit import VisionTransformer
+from vit import VisionTransformer, probe, resolve_precision
 from workflows import tracking
 from workflows.pretrain import PretrainConfig, run_pretrain
 
@@ -47,6 +47,16 @@ def test_two_workers_learn_register_and_reload(tmp_path, cifar_shards, local_ray
     run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["model.embed_dim"] == "48" and run.data.params["train.total_steps"] == "30"
+    # precision: auto, resolved on the worker's CPU (bf16 only where it is native), recorded as a param
+    assert run.data.params["train.precision"] == "auto"
+    assert run.data.params["precision"] == resolve_precision("auto", probe("cpu"))
+    # speed per logging window, and each worker's machine (CPU, memory) as MLflow system metrics
+    metrics = run.data.metrics
+    assert 0 < metrics["perf/mfu"] < 1 and 0 <= metrics["perf/data_wait_fraction"] <= 1
+    assert metrics["perf/images_per_sec"] > 0
+    cpu = [key for key in metrics if key.startswith("system/") and key.endswith("/cpu_utilization_percentage")]
+    assert sorted(key.split("/")[1].split("-")[0] for key in cpu) == ["rank0", "rank1"], cpu
+    assert any(key.endswith("/system_memory_usage_megabytes") for key in metrics)
     assert run.inputs.dataset_inputs and run.inputs.dataset_inputs[0].dataset.digest == result.dataset_fingerprint[:36]
     version = client.get_model_version("vit-pretrained", result.version)
     assert version.run_id == result.run_id
