@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from timm.models.vision_transformer import VisionTransformer as TimmViT
 
+from benchmarks.machine import header
 from vit import VisionTransformer, decode_variant, train_flops
 
 
@@ -126,7 +127,8 @@ def main() -> None:
     if args.quick:
         args.rounds, args.steps = 2, 1
     devices = [args.device] if args.device else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, rounds={args.rounds}, steps/round={args.steps}")
+    print(header("auto"))
+    print(f"rounds={args.rounds}, steps/round={args.steps}")
     print(f"{'device':6} {'variant':6} {'px':>4} {'batch':>5} {'prec':5} {'vitflow img/s':>13} {'timm img/s':>10} {'ratio':>6} {'TFLOP/s':>8}")
     for device in devices:
         for case in cases(device):

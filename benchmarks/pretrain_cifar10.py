@@ -5,7 +5,7 @@ The schedule is fitted to the budget: a short calibration run measures training 
 steps is set so training plus evaluations end inside the budget. The registered ``vit-pretrained`` model
 (in the MLflow store under ``--workdir``) is the starting point of ``benchmarks/transfer_flowers.py``.
 
-    python -m benchmarks.pretrain_cifar10                       # 60 minutes, Ti/4 depth 6, bf16
+    python -m benchmarks.pretrain_cifar10                       # 60 minutes, Ti/4 depth 6, precision auto
     python -m benchmarks.pretrain_cifar10 --budget-min 3 --smoke  # a few minutes, checks the script
 """
 
@@ -24,6 +24,7 @@ import ray  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from benchmarks.corpora import cifar10_shards  # noqa: E402
+from benchmarks.machine import header  # noqa: E402
 from vit import VisionTransformer  # noqa: E402
 from vit.data import eval_loader  # noqa: E402
 from vit.loop import evaluate  # noqa: E402
@@ -64,11 +65,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budget-min", type=float, default=60.0, help="wall-clock budget of the whole run")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--precision", default="bf16", choices=["fp32", "bf16"])
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                        help="auto: bf16 where the CPU/GPU does it natively, else fp32")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--workdir", type=Path, default=REPO / "benchmarks" / ".work" / "pretrain_cifar10")
     parser.add_argument("--smoke", action="store_true", help="a tiny model: checks the script, not a result")
     args = parser.parse_args()
+    print(header(args.precision), flush=True)
     started = time.monotonic()
     args.workdir.mkdir(parents=True, exist_ok=True)
     shards = cifar10_shards(args.workdir / "shards")

@@ -5,7 +5,7 @@ the ratio TorchTrainer / plain (target >= 0.9).
 Start-up (Ray, the worker group, imports) is excluded: both sides are measured from the img/s that
 ``vit.loop.fit`` reports over its logging windows, the first window (warm-up) dropped, the median kept.
 
-    python benchmarks/pretrain_overhead.py             # Ti/4 depth 6, 32 px, bf16, batch 128
+    python benchmarks/pretrain_overhead.py             # Ti/4 depth 6, 32 px, precision auto, batch 128
     python benchmarks/pretrain_overhead.py --smoke     # a tiny model, seconds: checks the script runs
 """
 
@@ -20,6 +20,7 @@ import ray
 from mlflow.tracking import MlflowClient
 
 from benchmarks.corpora import cifar10_shards
+from benchmarks.machine import header
 from vit import VisionTransformer
 from vit.data import DataConfig, eval_loader, train_loader
 from vit.loop import TrainConfig, fit
@@ -76,11 +77,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=80)
     parser.add_argument("--log-every", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--precision", default="bf16", choices=["fp32", "bf16"])
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                        help="auto: bf16 where the CPU/GPU does it natively, else fp32")
     parser.add_argument("--cpus", type=int, default=2, help="CPUs of the Ray worker (= torch threads)")
     parser.add_argument("--train-rows", type=int, default=20000)
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args()
+    print(header(args.precision), flush=True)
     if args.smoke:
         args.steps, args.log_every, args.batch_size, args.train_rows = 12, 3, 32, 2000
     work = Path(tempfile.mkdtemp(prefix="vitflow-overhead-"))

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.corpora import flowers17_shards
+from benchmarks.machine import header
 from vit import VisionTransformer, decode_variant, gflops
 from vit.data import DataConfig, eval_loader, train_loader
 from vit.finetune import paper_finetune_optim, prepare_finetune_model
@@ -46,12 +47,14 @@ def main() -> None:
     parser.add_argument("--image-sizes", type=int, nargs="+", default=[32, 64])
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--precision", default="bf16", choices=["fp32", "bf16"])
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                        help="auto: bf16 where the CPU/GPU does it natively, else fp32")
     parser.add_argument("--finetune-lrs", type=float, nargs="+", default=[0.01, 0.03])
     parser.add_argument("--scratch-lrs", type=float, nargs="+", default=[5e-4, 1e-3])
     parser.add_argument("--workdir", type=Path, default=REPO / "benchmarks" / ".work" / "transfer_flowers")
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args()
+    print(header(args.precision), flush=True)
     if args.smoke:
         args.steps, args.image_sizes, args.finetune_lrs, args.scratch_lrs = 4, [32, 48], [0.01], [1e-3]
     args.workdir.mkdir(parents=True, exist_ok=True)

@@ -69,7 +69,7 @@ def test_a_nan_trial_stops_at_once_a_broken_trial_fails_and_the_search_goes_on(t
                                "max_concurrent_trials": 2, "seed": 2, "max_failures": 1,
                                # 1e30: SGD overflows at once (a non-finite loss); label smoothing 1.5 is invalid
                                "choices": {"optim.lr": [0.01, 1.0e30], "train.label_smoothing": [0.0, 1.5]}})
-    result = vitflow("run", str(spec), cwd=tmp_path, timeout_s=1200)
+    result = vitflow("run", str(spec), cwd=tmp_path, timeout_s=800)
     assert result.returncode == 0, result.stdout + result.stderr
     uri = f"sqlite:///{tmp_path / 'work' / 'mlflow.db'}"
     client = MlflowClient(uri, registry_uri=uri)
@@ -103,7 +103,8 @@ def test_32_trials_at_concurrency_2_leave_32_runs_and_no_processes(tmp_path, flo
                        search={"image_size": [32, 48], "lr": {"min": 0.003, "max": 0.03}, "num_samples": 32,
                                "max_concurrent_trials": 2})
     started = time.monotonic()
-    result = vitflow("run", str(spec), cwd=tmp_path, timeout_s=2400)
+    # ~1 min on 2 cores (trials reuse their processes); pytest's own limit is 900 s
+    result = vitflow("run", str(spec), cwd=tmp_path, timeout_s=800)
     elapsed = time.monotonic() - started
     assert result.returncode == 0, result.stdout + result.stderr
     uri = f"sqlite:///{tmp_path / 'work' / 'mlflow.db'}"

@@ -5,6 +5,7 @@ peak-FLOP/s probe and its per-machine cache, MFU and the data-wait share of a da
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -45,10 +46,10 @@ PROBE = "import json; from vit.precision import probe, resolve_precision; h = pr
         "print(json.dumps([h.native_bf16, h.capability, resolve_precision('auto', h)]))"
 
 
-def probed(**env: str) -> list:
-    import os
-
-    out = subprocess.run([sys.executable, "-c", PROBE], env={**os.environ, **env}, capture_output=True, text=True,
+def probed(**caps: str) -> list:
+    """The probe in a fresh process with oneDNN's and ATen's ISA capped as given (else uncapped)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")}
+    out = subprocess.run([sys.executable, "-c", PROBE], env={**env, **caps}, capture_output=True, text=True,
                          check=True, cwd=Path(__file__).parents[2])
     return json.loads(out.stdout)
 

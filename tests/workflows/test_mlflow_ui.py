@@ -54,6 +54,10 @@ def test_the_ui_shows_the_workflow_its_stage_runs_and_both_models(tmp_path, cifa
         child_page = f"{server.url}/#/experiments/{experiment_id}/runs/{pretrain_run.info.run_id}"
         child_text = browser.visible_text(browser.dump_dom(child_page))
         assert pretrain_run.info.run_name in child_text and "Parent run" in child_text, child_text[:3000]
+        # its speed (perf/*) and its machine (MLflow's system metrics, on their own tab)
+        assert "perf/mfu" in child_text and "perf/data_wait_fraction" in child_text, child_text[:3000]
+        system_text = browser.visible_text(browser.dump_dom(f"{child_page}/system-metrics"))
+        assert "cpu_utilization_percentage" in system_text, system_text[:3000]
 
         for name in ("vit-pretrained", "vit-finetuned"):
             model_text = browser.visible_text(browser.dump_dom(f"{server.url}/#/models/{name}"))
@@ -65,6 +69,7 @@ def test_the_ui_shows_the_workflow_its_stage_runs_and_both_models(tmp_path, cifa
         shots = tmp_path / "screenshots"
         # The models' pages, not the list: on a first visit the list hides behind a dialog about the new registry UI.
         for name, url in (("runs", runs_page), ("parent", parent_page), ("pretrain", child_page),
+                          ("pretrain-system", f"{child_page}/system-metrics"),
                           ("finetuned", f"{server.url}/#/models/vit-finetuned")):
             png = browser.screenshot(url, shots / f"{name}.png")
             assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000  # not a blank page
