@@ -123,6 +123,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="2 rounds of 1 step: a smoke check, not a measurement")
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None)
     parser.add_argument("--variant", default=None, help="run only this variant's cases, e.g. Ti/4")
+    parser.add_argument("--precision", default=None, choices=["fp32", "bf16", "fp16"],
+                        help="run only this precision's cases (emulated bf16 on a CPU without it takes long)")
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.steps = 2, 1
@@ -132,7 +134,7 @@ def main() -> None:
     print(f"{'device':6} {'variant':6} {'px':>4} {'batch':>5} {'prec':5} {'vitflow img/s':>13} {'timm img/s':>10} {'ratio':>6} {'TFLOP/s':>8}")
     for device in devices:
         for case in cases(device):
-            if args.variant and case.variant != args.variant:
+            if (args.variant and case.variant != args.variant) or (args.precision and case.precision != args.precision):
                 continue
             r = run_case(case, args.rounds, args.steps)
             print(
