@@ -8,13 +8,13 @@ import platform
 
 import torch
 
-from vit.perf import _cpu_model
+from vit.perf import cpu_model
 from vit.precision import probe, resolve_precision
 
 
 def header(requested: str | None = None, device: str = "cpu") -> str:
     cpu = probe("cpu")
-    lines = [f"machine: {_cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads; "
+    lines = [f"machine: {cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads; "
              f"CPU capability {cpu.capability}, {'native' if cpu.native_bf16 else 'no native'} bf16; "
              f"torch {torch.__version__}, Python {platform.python_version()}"]
     if torch.cuda.is_available():
@@ -24,7 +24,3 @@ def header(requested: str | None = None, device: str = "cpu") -> str:
     if requested is not None:
         lines.append(f"precision: {requested} -> {resolve_precision(requested, probe(device))} on {device}")
     return "\n".join(lines)
-
-
-def resolved(requested: str, device: str = "cpu") -> str:
-    return resolve_precision(requested, probe(device))

@@ -35,7 +35,8 @@ CUDA_PEAK_TFLOPS: dict[str, dict[str, float]] = {
 }
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux), for cache keys and benchmark headers."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -48,7 +49,7 @@ def _cpu_model() -> str:
 def _cache_key(device: torch.device, precision: Precision) -> str:
     if device.type == "cuda":
         return f"cuda|{torch.cuda.get_device_name(device)}|{precision}"
-    return f"cpu|{_cpu_model()}|{torch.backends.cpu.get_cpu_capability()}|{torch.get_num_threads()} threads|{precision}"
+    return f"cpu|{cpu_model()}|{torch.backends.cpu.get_cpu_capability()}|{torch.get_num_threads()} threads|{precision}"
 
 
 def table_peak(device_name: str, precision: Precision) -> float | None:
