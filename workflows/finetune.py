@@ -490,12 +490,20 @@ def _conclude(config: FinetuneSearchConfig, grid, pretrained, index, tracking_ur
     from workflows.evaluate import log_model_figures, preprocessing_of
 
     rows = trials_table(grid)
-    for row in rows:  # trials ASHA stopped were killed before they could close their MLflow runs
+    for row in rows:
+        # A trial Tune stopped (ASHA at a rung, or at max_t on its last report) ends inside its report
+        # call, before it can close its MLflow run: close it here, by what it reached.
         run_id = tracking.find_run(tracking_uri, config.tracking.experiment,
                                    {"vitflow.trial_id": row["trial_id"], "vitflow.search_run_id": search_run_id})
-        if run_id and row["steps"] < config.train.total_steps and row["status"] == "finished":
+        if not run_id or tracking.run_status(tracking_uri, run_id) != "RUNNING":
+            continue
+        if row["status"] == "error":
+            tracking.end_run(tracking_uri, run_id, status="FAILED")
+        elif row["steps"] < config.train.total_steps:
             tracking.set_tags(tracking_uri, run_id, {"vitflow.stopped_early": "true"})
             tracking.end_run(tracking_uri, run_id, status="KILLED")
+        else:
+            tracking.end_run(tracking_uri, run_id)
     for row in rows:
         row["gflops"] = gflops(pretrained.config.replace(image_size=row["image_size"], num_classes=index.num_classes))
     finished = [row for row in rows if row["checkpoint_path"] and not math.isnan(row["val_top1"])]

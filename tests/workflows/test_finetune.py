@@ -73,6 +73,13 @@ def test_search_registers_a_champion_with_lineage(pretrained, flowers_shards, lo
     table = pq.read_table(mlflow.artifacts.download_artifacts(result.results_table, tracking_uri=uri)).to_pylist()
     assert len(table) == 6 and {row["image_size"] for row in table} == {32, 48}
     assert any(row["steps"] < 12 for row in table), table
+    # Every trial run is closed: FINISHED when it trained all 12 steps (even when ASHA's stop met its last
+    # report), KILLED (stopped early) otherwise; none is left RUNNING.
+    steps = {row["trial_id"]: row["steps"] for row in table}
+    for run in trials:
+        closed = client.get_run(run.info.run_id).info.status
+        expected = "FINISHED" if steps[run.data.tags["vitflow.trial_id"]] == 12 else "KILLED"
+        assert closed == expected, (run.data.tags["vitflow.trial_id"], closed, steps)
     assert all(row["gflops"] > 0 and row["images_per_sec"] > 0 for row in table)
     assert {a.path for a in client.list_artifacts(result.search_run_id, "search")} == {"search/trials.parquet", "search/accuracy_vs_gflops.png"}
 
