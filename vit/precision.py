@@ -15,14 +15,11 @@ with a warning that says so.
 from __future__ import annotations
 
 import contextlib
-import logging
 import warnings
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
-
-log = logging.getLogger(__name__)
 
 Precision = Literal["fp32", "bf16", "fp16"]
 PrecisionChoice = Literal["auto", "fp32", "bf16", "fp16"]

@@ -273,7 +273,7 @@ def _trial_resources(resources: Resources) -> dict[str, float]:
     import ray
 
     if in_process_trials(resources):
-        return {"CPU": resources.cpus_per_worker, **({"GPU": 1} if resources.use_gpu else {})}
+        return resources.per_worker()
     if ray.cluster_resources().get(TRIAL_DRIVER_RESOURCE, 0) >= 1:
         return {TRIAL_DRIVER_RESOURCE: 1}
     log.warning("the Ray cluster declares no %r resource: trial drivers take 0.01 CPU, which may limit "
@@ -374,7 +374,7 @@ def _fit_worker_group(config: FinetuneSearchConfig, trial_id: str, worker_config
         train_loop_config=worker_config,
         scaling_config=ScalingConfig(
             num_workers=resources.num_workers, use_gpu=resources.use_gpu,
-            resources_per_worker={"CPU": resources.cpus_per_worker, **({"GPU": 1} if resources.use_gpu else {})},
+            resources_per_worker=resources.per_worker(),
         ),
         run_config=RunConfig(
             name=f"{config.name}-{trial_id}",

@@ -73,6 +73,10 @@ class Resources(BaseModel):
     use_gpu: bool = False
     cpus_per_worker: float = Field(1, gt=0)
 
+    def per_worker(self) -> dict[str, float]:
+        """What one worker holds, as a Ray resource request."""
+        return {"CPU": self.cpus_per_worker, **({"GPU": 1} if self.use_gpu else {})}
+
 
 class Tracking(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -202,7 +206,7 @@ def run_pretrain(config: PretrainConfig, *, parent_run_id: str | None = None, co
         scaling_config=ScalingConfig(
             num_workers=config.resources.num_workers,
             use_gpu=config.resources.use_gpu,
-            resources_per_worker={"CPU": config.resources.cpus_per_worker, **({"GPU": 1} if config.resources.use_gpu else {})},
+            resources_per_worker=config.resources.per_worker(),
         ),
         run_config=RunConfig(
             name=config.name,
