@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 TRIAL_DRIVER_RESOURCE = "vitflow_trial_driver"
 METRIC = "val/top1"
+MODES = {"val/top1": "max", "val/loss": "min"}  # what a search may compare trials on, and which way is better
 
 
 class LogUniform(BaseModel):
@@ -72,6 +73,9 @@ class SearchConfig(BaseModel):
     search_alg: Literal["random", "optuna"] = "random"
     max_failures: int = Field(1, ge=0, description="retries of a failed trial")
     seed: int = 0
+    metric: Literal["val/top1", "val/loss"] = Field(
+        METRIC, description="what ASHA stops trials on and the best trial is chosen by; val/loss when a small "
+                            "validation set makes top-1 tie (every early trial predicting the same class)")
 
     @field_validator("choices")
     @classmethod
@@ -228,7 +232,7 @@ def _search(config: FinetuneSearchConfig, pretrained, index, tracking_uri: str, 
             from ray.tune.search.optuna import OptunaSearch
         except ImportError as error:
             raise ValueError(f"search.search_alg 'optuna' needs the optuna package: {error}") from None
-        search_alg = OptunaSearch(metric=METRIC, mode="max", seed=config.search.seed)
+        search_alg = OptunaSearch(metric=config.search.metric, mode=MODES[config.search.metric], seed=config.search.seed)
     scheduler = None
     if config.search.scheduler:
         scheduler = ASHAScheduler(time_attr="step", max_t=config.train.total_steps,
@@ -255,7 +259,8 @@ def _search(config: FinetuneSearchConfig, pretrained, index, tracking_uri: str, 
         tuner = Tuner(
             trainable,
             param_space=space,
-            tune_config=TuneConfig(metric=METRIC, mode="max", num_samples=config.search.num_samples,
+            tune_config=TuneConfig(metric=config.search.metric, mode=MODES[config.search.metric],
+                                   num_samples=config.search.num_samples,
                                    max_concurrent_trials=(config.search.max_concurrent_trials
                                                           if config.search.search_alg == "optuna" else None),
                                    scheduler=scheduler, search_alg=search_alg,
@@ -341,6 +346,7 @@ def run_trial(params: dict[str, Any], shared: dict[str, Any]) -> None:
         "run_id": run_id,
         "pretrained": shared["pretrained"],
         "report_validation_only": True,  # every Tune result carries val/top1 (ASHA's metric)
+        "close_run_at_end": True,  # FINISHED before the last report, at which ASHA may stop the trial
         "run_storage": trial_storage,
     }
     try:
@@ -351,7 +357,8 @@ def run_trial(params: dict[str, Any], shared: dict[str, Any]) -> None:
     except Exception as error:  # e.g. a non-finite loss (vit.loop stops at once) or a worker that died
         failed(error)
         raise
-    tracking.end_run(uri, run_id)
+    if tracking.run_status(uri, run_id) != "FINISHED":  # rank 0 closes it before the last report
+        tracking.end_run(uri, run_id)
 
 
 def in_process_trials(resources: Resources) -> bool:
@@ -390,9 +397,9 @@ def _finished_trial_result(uri: str, run_id: str, trial_storage: str, total_step
     """A finished trial's last validation metrics (from MLflow) and final checkpoint (from its Ray Train
     storage), as the Tune result its run would have reported; None when either is missing.
 
-    Finished means its MLflow run is FINISHED, or it trained to ``total_steps``: a checkpoint of the last
-    step is persisted and its last validation is on record (rank 0 flushes metrics before reporting the
-    checkpoint that goes with them).
+    Finished means it trained to ``total_steps``: a checkpoint of the last step is persisted and its last
+    validation is on record (rank 0 flushes metrics, and closes the run, before reporting the checkpoint
+    that goes with them; so a FINISHED run whose last checkpoint is not persisted yet is not finished).
     """
     from workflows import tracking
     from workflows.training import newest_persisted_checkpoint, persisted_checkpoints
@@ -404,12 +411,11 @@ def _finished_trial_result(uri: str, run_id: str, trial_storage: str, total_step
     if not checkpoints:
         return None
     steps = tracking.last_step(uri, run_id, METRIC)
-    if tracking.run_status(uri, run_id) != "FINISHED":
-        if steps < total_steps:
+    if steps < total_steps:
+        return None
+    with tempfile.TemporaryDirectory(prefix="vitflow-trial-") as scratch:  # remote storage: a copy to read
+        if newest_persisted_checkpoint(trial_storage, than_step=total_steps - 1, scratch=scratch) is None:
             return None
-        with tempfile.TemporaryDirectory(prefix="vitflow-trial-") as scratch:  # remote storage: a copy to read
-            if newest_persisted_checkpoint(trial_storage, than_step=total_steps - 1, scratch=scratch) is None:
-                return None
     return {**{k: v for k, v in metrics.items() if k.startswith(("val/", "train/"))}, "step": steps,
             "checkpoint_path": checkpoints[-1]}
 
@@ -434,6 +440,7 @@ def trials_table(grid) -> list[dict[str, Any]]:
             **{k: v for k, v in params.items() if k not in ("image_size", "lr")},
             "val_top1": float(metrics.get(METRIC, math.nan)),
             "val_top5": float(metrics.get("val/top5", math.nan)),
+            "val_loss": float(metrics.get("val/loss", math.nan)),
             "steps": int(metrics.get("step", 0)),
             "status": "error" if result.error else "finished",
             "images_per_sec": statistics.median(throughput) if throughput else math.nan,
@@ -510,7 +517,10 @@ def _conclude(config: FinetuneSearchConfig, grid, pretrained, index, tracking_ur
     if not finished:
         errors = [str(result.error) for result in grid if result.error]
         raise RuntimeError(f"fine-tuning search {config.name!r}: no trial finished; errors: {errors[:3]}")
-    best = max(finished, key=lambda row: (row["val_top1"], -row["gflops"]))
+    # The best by the search's metric; among equals, the cheaper resolution.
+    sign = 1.0 if MODES[config.search.metric] == "max" else -1.0
+    column = config.search.metric.replace("/", "_")
+    best = max(finished, key=lambda row: (sign * row[column], -row["gflops"]))
     with tempfile.TemporaryDirectory() as tmp:
         table = Path(tmp) / "trials.parquet"
         pq.write_table(pa.Table.from_pylist([{k: v for k, v in row.items()} for row in rows]), table)

@@ -171,6 +171,10 @@ def _train(cfg: dict[str, Any], session: WorkerSession) -> None:
         validated = any(key.startswith("val/") for key in metrics)
         if cfg.get("report_validation_only") and not validated:
             return  # a Tune trial: Tune compares trials on validation metrics, MLflow has the rest
+        if buffer is not None and cfg.get("close_run_at_end") and step >= train_config.total_steps:
+            # A search's scheduler may stop the trial at its last report (ASHA does at max_t), and then
+            # nothing after this line runs: close the trial's run first, with its metrics on record.
+            _close_run(cfg["tracking_uri"], cfg["run_id"], buffer)
         session.report({**metrics, "step": step}, checkpoint_dir)
 
     metadata = {"class_names": cfg["class_names"], "data": cfg["data"]}
@@ -185,6 +189,20 @@ def _train(cfg: dict[str, Any], session: WorkerSession) -> None:
             spill = Path(cfg["offline_dir"]) / tracking.OFFLINE_METRICS if cfg.get("offline_dir") else None
             buffer.close(timeout_s=30.0, spill_path=spill)
         shutil.rmtree(local_checkpoints, ignore_errors=True)
+
+
+def _close_run(tracking_uri: str, run_id: str, buffer) -> None:
+    """Mark a trial's run FINISHED once its training is complete; during a tracking outage the run stays
+    open (the search's conclusion closes it) and training goes on."""
+    from workflows import tracking
+
+    if not buffer.flush_if_healthy():
+        return
+    try:
+        tracking.end_run(tracking_uri, run_id)
+    except Exception as error:
+        if not tracking.is_unreachable(error, tracking_uri):
+            raise
 
 
 def _record_precision(tracking_uri: str, run_id: str, precision: str, hardware: Hardware) -> None:

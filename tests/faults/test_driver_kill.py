@@ -100,7 +100,7 @@ def test_a_killed_search_resumes_with_its_finished_trials(tmp_path, flowers_sour
     pretrained.mkdir()
     model = VisionTransformer(ViTConfig(image_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=10))
     tracking._write_plain_model(pretrained, model, [str(i) for i in range(10)], {"mean": NORM["mean"], "std": NORM["std"]})
-    num_samples = 4
+    num_samples = 6  # trials finish in seconds: enough of them that the search is still going at the kill
     spec = tmp_path / "spec.yaml"
     spec.write_text(yaml.safe_dump({
         "name": "search", "workdir": "work", "tracking": {"experiment": "search"}, "ray": {"num_cpus": 2},
@@ -119,7 +119,8 @@ def test_a_killed_search_resumes_with_its_finished_trials(tmp_path, flowers_sour
         return [r for r in runs_of(uri, "search", "tags.`vitflow.stage` = 'finetune-trial'") if r.info.status == "FINISHED"]
 
     try:
-        wait_for(finished_trials, 900, "a finished trial", every_s=1.0)
+        # A trial's run is FINISHED as it reports its last result (not when the search ends): kill at the first.
+        wait_for(finished_trials, 900, "a finished trial", every_s=0.25)
         wait_for(lambda: list((workdir / "runs").glob("search-finetune-*/experiment_state-*.json")), 120,
                  "the search's saved state", every_s=0.5)
     finally:
