@@ -1,8 +1,7 @@
-"""What a sharding run shows on the terminal: a live progress bar and the summary table at the end."""
+"""What a sharding run shows on the terminal while it runs: a live progress bar (the summary table at the
+end is the CLI's: ``workflows/shard_cli.py``)."""
 
 from __future__ import annotations
-
-from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.progress import (
@@ -14,12 +13,7 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
-from rich.table import Table
 from rich.text import Text
-
-if TYPE_CHECKING:  # only for annotations: shards imports this module
-    from pipeline.shards import ShardResult
-
 
 class _ImagesPerSecond(ProgressColumn):
     def render(self, task) -> Text:
@@ -65,29 +59,3 @@ class ShardProgress:
         if exc_type is None:  # progress messages may still be in flight when the last shard lands
             self._progress.update(self._task, completed=self._progress.tasks[0].total)
         self._progress.stop()
-
-
-def summary_table(result: ShardResult) -> Table:
-    """Per split: samples, shards, bytes; then inputs, quarantine reasons and throughput."""
-    info = result.info
-    table = Table(title=f"{info.root}  ({info.num_classes} classes)", title_justify="left")
-    for column in ("split", "samples", "shards", "MiB", "built", "reused"):
-        table.add_column(column, justify="left" if column == "split" else "right")
-    built, reused = set(result.built), set(result.reused)
-    for name, split in info.splits.items():
-        paths = {s.path for s in split.shards}
-        table.add_row(
-            name,
-            f"{split.num_samples:,}",
-            str(len(split.shards)),
-            f"{sum(s.bytes for s in split.shards) / 2**20:,.1f}",
-            str(len(paths & built)),
-            str(len(paths & reused)),
-        )
-    reasons = ", ".join(f"{reason} {n}" for reason, n in result.quarantined.items()) or "none"
-    table.caption = (
-        f"inputs {result.num_inputs:,} = sharded {result.num_sharded:,} + quarantined {result.num_quarantined:,} ({reasons})\n"
-        f"{result.seconds:,.1f} s, {result.images_per_second:,.0f} images/s; fingerprint {info.fingerprint[:16]}"
-    )
-    table.caption_justify = "left"
-    return table

@@ -9,10 +9,16 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 import typer
 from typer.core import TyperGroup
+
+if TYPE_CHECKING:  # the CLI starts light: the pipeline (and what it imports) loads once inputs check out
+    from rich.table import Table
+
+    from pipeline.shards import ShardResult
 
 
 class _WriteByDefault(TyperGroup):
@@ -144,7 +150,6 @@ def write(
 
     from rich.console import Console  # the heavy part (torch, Ray) only once the inputs check out
 
-    from pipeline.report import summary_table
     from pipeline.shards import StorageError, write_shards
 
     try:
@@ -175,3 +180,31 @@ def verify(out: Path = typer.Argument(..., help="a folder written by `vitflow sh
     typer.echo(
         f"ok: {report.num_shards} shards, {report.num_samples} samples in {report.root} match dataset.json and manifest.parquet"
     )
+
+
+def summary_table(result: ShardResult) -> Table:
+    """Per split: samples, shards, bytes; then inputs, quarantine reasons and throughput."""
+    from rich.table import Table
+
+    info = result.info
+    table = Table(title=f"{info.root}  ({info.num_classes} classes)", title_justify="left")
+    for column in ("split", "samples", "shards", "MiB", "built", "reused"):
+        table.add_column(column, justify="left" if column == "split" else "right")
+    built, reused = set(result.built), set(result.reused)
+    for name, split in info.splits.items():
+        paths = {s.path for s in split.shards}
+        table.add_row(
+            name,
+            f"{split.num_samples:,}",
+            str(len(split.shards)),
+            f"{sum(s.bytes for s in split.shards) / 2**20:,.1f}",
+            str(len(paths & built)),
+            str(len(paths & reused)),
+        )
+    reasons = ", ".join(f"{reason} {n}" for reason, n in result.quarantined.items()) or "none"
+    table.caption = (
+        f"inputs {result.num_inputs:,} = sharded {result.num_sharded:,} + quarantined {result.num_quarantined:,} ({reasons})\n"
+        f"{result.seconds:,.1f} s, {result.images_per_second:,.0f} images/s; fingerprint {info.fingerprint[:16]}"
+    )
+    table.caption_justify = "left"
+    return table

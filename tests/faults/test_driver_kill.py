@@ -68,7 +68,7 @@ def test_a_killed_workflow_resumes_pretraining_and_registers_one_version(tmp_pat
 
     rerun = vitflow("run", str(spec), cwd=tmp_path, timeout_s=900)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
-    assert "preprocess:cifar: reused" in rerun.stdout  # the finished stage is not redone
+    assert "preprocess:cifar: reused" in rerun.stdout, rerun.stdout  # the finished stage is not redone
     assert processes_under(temp_root(workdir)) == []  # the rerun's Ray, and the killed driver's, are gone
 
     client = MlflowClient(uri, registry_uri=uri)
@@ -130,7 +130,7 @@ def test_a_killed_search_resumes_with_its_finished_trials(tmp_path, flowers_sour
 
     rerun = vitflow("run", str(spec), cwd=tmp_path, timeout_s=900)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
-    assert "preprocess:flowers: reused" in rerun.stdout
+    assert "preprocess:flowers: reused" in rerun.stdout, rerun.stdout
     client = MlflowClient(uri, registry_uri=uri)
     searches = runs_of(uri, "search", "tags.`vitflow.stage` = 'finetune'")
     assert len(searches) == 1 and searches[0].info.status == "FINISHED"  # the same search run, resumed
