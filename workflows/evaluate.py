@@ -10,21 +10,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
-
 from vit.data import IMAGENET_MEAN, IMAGENET_STD, DataConfig, eval_loader, read_dataset_index
-from workflows.pretrain import STAGE_TAG, Tracking
-
-
-class EvaluateConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    model: str = Field(..., description="models:/vit-finetuned@champion, models:/name/3, runs:/<id>/model or a folder")
-    dataset: str = Field(..., description="a shard folder (dataset.json)")
-    split: str = "test"
-    batch_size: int = Field(64, ge=1)
-    figure_images: int = Field(8, ge=1, description="test images shown in the attention-rollout figure")
-    tracking: Tracking = Tracking()
+from workflows import tags as tag
+from workflows.configs import EvaluateConfig
 
 
 @dataclass(frozen=True)
@@ -95,8 +83,8 @@ def run_evaluate(config: EvaluateConfig, *, parent_run_id: str | None = None) ->
     parent = parent_run_id or tracking.source_run(uri, config.model)
     experiment = config.tracking.experiment
     run_id = tracking.start_run(uri, experiment, f"evaluate-{config.split}", parent_run_id=parent,
-                                tags={STAGE_TAG: "evaluate", "vitflow.model": config.model,
-                                      "vitflow.dataset_fingerprint": index.fingerprint, "vitflow.split": config.split})
+                                tags={tag.STAGE: "evaluate", tag.MODEL: config.model,
+                                      tag.DATASET_FINGERPRINT: index.fingerprint, tag.SPLIT: config.split})
     tracking.log_params(uri, run_id, {"model": config.model, "dataset": config.dataset, "split": config.split})
     per_class = {name: (None if value != value else float(value))
                  for name, value in zip(index.class_names, metrics.per_class_accuracy.tolist())}

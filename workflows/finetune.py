@@ -30,7 +30,8 @@ from vit import ViTConfig, gflops
 from vit.data import DataConfig, check_dataset, read_dataset_index
 from vit.finetune import FinetuneConfig
 from vit.loop import TrainConfig
-from workflows.pretrain import NAME_TAG, STAGE_TAG, Resources, Tracking, absolute_uri, load_yaml_config
+from workflows import tags as tag
+from workflows.configs import Resources, Tracking, absolute_uri, load_yaml_config
 
 log = logging.getLogger(__name__)
 
@@ -183,12 +184,12 @@ def run_finetune(config: FinetuneSearchConfig, *, parent_run_id: str | None = No
     for size in config.search.image_size:  # the resolutions must fit the pre-trained patch size
         pretrained.config.replace(image_size=size, num_classes=index.num_classes)
 
-    tags = {NAME_TAG: config.name, STAGE_TAG: "finetune"}
+    tags = {tag.RUN_NAME: config.name, tag.STAGE: "finetune"}
     search_run_id = tracking.find_run(tracking_uri, config.tracking.experiment, tags)
     if search_run_id is None:
         search_run_id = tracking.start_run(
             tracking_uri, config.tracking.experiment, config.name, parent_run_id=parent_run_id,
-            tags={**tags, "vitflow.pretrained": config.pretrained, "vitflow.dataset_fingerprint": index.fingerprint},
+            tags={**tags, tag.PRETRAINED: config.pretrained, tag.DATASET_FINGERPRINT: index.fingerprint},
         )
         tracking.log_params(tracking_uri, search_run_id, {
             "pretrained": config.pretrained, "dataset": config.dataset, "search": config.search.model_dump(),
@@ -298,7 +299,7 @@ def run_trial(params: dict[str, Any], shared: dict[str, Any]) -> None:
     pretrained = ViTConfig.from_dict(shared["pretrained"]["config"])
     trial_id = tune.get_context().get_trial_id()
     uri = shared["tracking_uri"]
-    tags = {STAGE_TAG: "finetune-trial", "vitflow.trial_id": trial_id, "vitflow.search_run_id": shared["search_run_id"]}
+    tags = {tag.STAGE: "finetune-trial", tag.TRIAL_ID: trial_id, tag.SEARCH_RUN_ID: shared["search_run_id"]}
     run_id = tracking.find_run(uri, config.tracking.experiment, tags)
     trial_storage = f"{absolute_uri(config.storage_path).rstrip('/')}/{config.name}-trials/{config.name}-{trial_id}"
     if run_id is not None:
@@ -319,7 +320,7 @@ def run_trial(params: dict[str, Any], shared: dict[str, Any]) -> None:
         tracking.reopen_run(uri, run_id)
 
     def failed(error: BaseException) -> None:  # every trial is on record, a failed one with its reason
-        tracking.set_tags(uri, run_id, {"vitflow.error": f"{type(error).__name__}: {error}"[:5000]})
+        tracking.set_tags(uri, run_id, {tag.ERROR: f"{type(error).__name__}: {error}"[:5000]})
         tracking.end_run(uri, run_id, status="FAILED")
 
     try:
@@ -501,13 +502,13 @@ def _conclude(config: FinetuneSearchConfig, grid, pretrained, index, tracking_ur
         # A trial Tune stopped (ASHA at a rung, or at max_t on its last report) ends inside its report
         # call, before it can close its MLflow run: close it here, by what it reached.
         run_id = tracking.find_run(tracking_uri, config.tracking.experiment,
-                                   {"vitflow.trial_id": row["trial_id"], "vitflow.search_run_id": search_run_id})
+                                   {tag.TRIAL_ID: row["trial_id"], tag.SEARCH_RUN_ID: search_run_id})
         if not run_id or tracking.run_status(tracking_uri, run_id) != "RUNNING":
             continue
         if row["status"] == "error":
             tracking.end_run(tracking_uri, run_id, status="FAILED")
         elif row["steps"] < config.train.total_steps:
-            tracking.set_tags(tracking_uri, run_id, {"vitflow.stopped_early": "true"})
+            tracking.set_tags(tracking_uri, run_id, {tag.STOPPED_EARLY: "true"})
             tracking.end_run(tracking_uri, run_id, status="KILLED")
         else:
             tracking.end_run(tracking_uri, run_id)
@@ -536,7 +537,7 @@ def _conclude(config: FinetuneSearchConfig, grid, pretrained, index, tracking_ur
     data = DataConfig.from_dict({**config.data.to_dict(), "image_size": model.config.image_size[0]})
     test = evaluate(model, eval_loader(config.dataset, data, rank=0, world_size=1, split=config.test_split))
     best_run = tracking.find_run(tracking_uri, config.tracking.experiment,
-                                 {"vitflow.trial_id": best["trial_id"], "vitflow.search_run_id": search_run_id})
+                                 {tag.TRIAL_ID: best["trial_id"], tag.SEARCH_RUN_ID: search_run_id})
     best_run = best_run or search_run_id
     tracking.log_metrics(tracking_uri, best_run, {"test/top1": test["top1"], "test/top5": test["top5"]})
     logged = tracking.log_vit_model(tracking_uri, best_run, model, list(index.class_names), preprocessing=preprocessing_of(data))

@@ -24,6 +24,8 @@ from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from workflows import tags as tag
+
 if TYPE_CHECKING:
     from ray.job_submission import JobSubmissionClient
 
@@ -126,7 +128,7 @@ def submit(
         return client.submit_job(
             entrypoint=entrypoint,
             runtime_env={"working_dir": staging, "excludes": list(EXCLUDES)},
-            metadata={"vitflow.spec": spec.name, "vitflow.command": command.value},
+            metadata={tag.SPEC: spec.name, tag.COMMAND: command.value},
         )
 
 

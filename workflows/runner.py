@@ -27,13 +27,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from workflows import tags as tag
 from workflows.spec import WorkflowSpec
 
 STAGE_ORDER = ("preprocess", "pretrain", "finetune", "evaluate")
-FINGERPRINT_TAG = "vitflow.stage_fingerprint"
-RESULT_TAG = "vitflow.result"
-WORKFLOW_TAG = "vitflow.workflow"
-WORKDIR_TAG = "vitflow.workdir"
 
 log = logging.getLogger(__name__)
 
@@ -157,14 +154,14 @@ class WorkflowRunner:
 
         experiment = self.spec.tracking.experiment
         tracking.ensure_experiment(experiment, self.tracking_uri)
-        here = {WORKFLOW_TAG: self.spec.name, WORKDIR_TAG: str(self.workdir.resolve())}
+        here = {tag.WORKFLOW: self.spec.name, tag.WORKDIR: str(self.workdir.resolve())}
         # Executions of this workflow still RUNNING belong to a driver that died (this one holds the
         # working directory's lock): close them, and link this execution to the one it continues.
         dead = [run.info.run_id for run in tracking.runs_with_tags(self.tracking_uri, experiment, here, status="RUNNING")]
         for run_id in dead:
             tracking.end_run(self.tracking_uri, run_id, status="KILLED")
         self.parent = tracking.start_run(self.tracking_uri, experiment, self.spec.name, tags={
-            **here, "vitflow.code_version": self.code, **({"vitflow.continues": dead[0]} if dead else {})})
+            **here, tag.CODE_VERSION: self.code, **({tag.CONTINUES: dead[0]} if dead else {})})
         if dead:
             self.on_event("workflow", "resuming", f"after a killed driver (execution {dead[0]} marked KILLED)")
         self.on_event("workflow", "running", self.run_link(self.parent))
@@ -182,7 +179,7 @@ class WorkflowRunner:
         finally:
             try:
                 tracking.set_tags(self.tracking_uri, self.parent, {
-                    f"vitflow.reused.{r.stage}": r.run_id for r in self.results.values() if r.reused})
+                    f"{tag.REUSED_PREFIX}{r.stage}": r.run_id for r in self.results.values() if r.reused})
                 tracking.end_run(self.tracking_uri, self.parent, status=status)
             except Exception as error:  # the tracking server went away: say so, keep the stage's own error
                 if not tracking.is_unreachable(error, self.tracking_uri):
@@ -204,8 +201,8 @@ class WorkflowRunner:
         if stage in self.force:
             return None
         for run in tracking.runs_with_tags(self.tracking_uri, self.spec.tracking.experiment,
-                                           {FINGERPRINT_TAG: stage_fingerprint}, status="FINISHED"):
-            stored = run.data.tags.get(RESULT_TAG)
+                                           {tag.STAGE_FINGERPRINT: stage_fingerprint}, status="FINISHED"):
+            stored = run.data.tags.get(tag.RESULT)
             if not stored:
                 continue
             result = StageResult(**json.loads(stored), reused=True)
@@ -230,8 +227,8 @@ class WorkflowRunner:
     def _finish(self, stage: str, stage_fingerprint: str, result: StageResult) -> StageResult:
         from workflows import tracking
 
-        tracking.set_tags(self.tracking_uri, result.run_id, {FINGERPRINT_TAG: stage_fingerprint, RESULT_TAG: result.to_json(),
-                                                             "vitflow.stage_name": stage, "vitflow.code_version": self.code})
+        tracking.set_tags(self.tracking_uri, result.run_id, {tag.STAGE_FINGERPRINT: stage_fingerprint, tag.RESULT: result.to_json(),
+                                                             tag.STAGE_NAME: stage, tag.CODE_VERSION: self.code})
         self.results[stage] = result
         self.on_event(stage, "finished", self.run_link(result.run_id))
         return result
@@ -242,7 +239,7 @@ class WorkflowRunner:
 
         name = f"{self.spec.name}-{stage}-{stage_fingerprint[:10]}"
         if stage in self.force:
-            taken = tracking.runs_with_tags(self.tracking_uri, self.spec.tracking.experiment, {FINGERPRINT_TAG: stage_fingerprint})
+            taken = tracking.runs_with_tags(self.tracking_uri, self.spec.tracking.experiment, {tag.STAGE_FINGERPRINT: stage_fingerprint})
             name += f"-r{len(taken)}" if taken else ""
         return name
 
@@ -286,8 +283,8 @@ class WorkflowRunner:
         from workflows import tracking
 
         run_id = tracking.start_run(self.tracking_uri, self.spec.tracking.experiment, f"{self.spec.name}-{stage}",
-                                    parent_run_id=self.parent, tags={"vitflow.stage": stage.split(":")[0],
-                                                                     "vitflow.stage_name": stage})
+                                    parent_run_id=self.parent, tags={tag.STAGE: stage.split(":")[0],
+                                                                     tag.STAGE_NAME: stage})
         tracking.log_params(self.tracking_uri, run_id, params)
         return run_id
 
@@ -297,7 +294,7 @@ class WorkflowRunner:
         tracking.log_metrics(self.tracking_uri, run_id, {
             "inputs": summary["num_inputs"], "sharded": summary["num_sharded"], "quarantined": summary["num_quarantined"],
             "images_per_sec": summary["images_per_second"], "shards_built": summary["built"], "shards_reused": summary["reused"]})
-        tracking.set_tags(self.tracking_uri, run_id, {"vitflow.dataset_fingerprint": summary["fingerprint"]})
+        tracking.set_tags(self.tracking_uri, run_id, {tag.DATASET_FINGERPRINT: summary["fingerprint"]})
         tracking.log_dataset(self.tracking_uri, run_id, summary["out"], name=Path(summary["out"]).name,
                              digest=summary["fingerprint"], context="shards")
         tracking.log_artifacts(self.tracking_uri, run_id, [Path(summary["out"]) / "dataset.json"], "dataset")

@@ -30,10 +30,10 @@ from mlflow.tracking import MlflowClient
 
 from vit import ViTConfig, VisionTransformer
 from vit.checkpoint import load_weights_only
+from workflows import tags as tag
 
 log = logging.getLogger(__name__)
 
-PARENT_RUN_TAG = "mlflow.parentRunId"  # MLflow's own nesting tag: the UI draws the tree from it
 WEIGHTS_FILE = "weights.pt"
 CONFIG_FILE = "vit_config.json"
 CLASSES_FILE = "class_names.json"
@@ -98,7 +98,7 @@ def start_run(
     experiment_id = ensure_experiment(experiment, tracking_uri)
     all_tags = dict(tags or {})
     if parent_run_id:
-        all_tags[PARENT_RUN_TAG] = parent_run_id
+        all_tags[tag.PARENT_RUN] = parent_run_id
     run = client.create_run(experiment_id, run_name=run_name, tags=all_tags)
     return run.info.run_id
 
@@ -262,7 +262,7 @@ def run_url(tracking_uri: str, experiment: str, run_id: str) -> str:
 
 def latest_step(tracking_uri: str, experiment: str, stage: str, parent_run_id: str) -> str:
     """'step N, loss L' of the newest training run of ``stage`` under ``parent_run_id`` (for live views)."""
-    runs = runs_with_tags(tracking_uri, experiment, {"vitflow.stage": stage, PARENT_RUN_TAG: parent_run_id})
+    runs = runs_with_tags(tracking_uri, experiment, {tag.STAGE: stage, tag.PARENT_RUN: parent_run_id})
     if not runs:
         return ""
     metrics = runs[0].data.metrics
