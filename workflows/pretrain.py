@@ -22,6 +22,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from vit import ViTConfig, decode_variant, gflops
+from vit.checkpoint import model_from_checkpoint
 from vit.data import DataConfig, check_dataset, read_dataset_index
 from vit.loop import TrainConfig
 from workflows.training import system_tags, train_worker
@@ -264,14 +265,8 @@ def run_pretrain(config: PretrainConfig, *, parent_run_id: str | None = None, co
 
 
 def _final_model(checkpoint):
-    from vit import VisionTransformer
-    from vit.loop import load_checkpoint
-
     with checkpoint.as_directory() as folder:
-        state = load_checkpoint(folder)
-    model = VisionTransformer(ViTConfig.from_dict(state["model_config"]))
-    model.load_state_dict(state["model"])
-    return model
+        return model_from_checkpoint(folder)
 
 
 def offline_dir(storage: str, name: str) -> str:
