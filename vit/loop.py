@@ -33,7 +33,8 @@ from torch import nn
 
 from vit.checkpoint import load_checkpoint, restore_training_state, save_checkpoint, training_state
 from vit.config import ViTConfig
-from vit.data import DatasetError, derive_seed
+from vit.data import DatasetError
+from vit.data.plan import derive_seed
 from vit.flops import train_flops
 from vit.optim import OptimConfig, build_optimizer, build_schedule
 from vit.precision import CHOICES, PrecisionChoice, autocast, probe, resolve_precision
