@@ -1,4 +1,4 @@
-"""vitflow's Vision Transformer: model, checkpoints and (later) data and training loops. Plain PyTorch:
+"""vitflow's Vision Transformer: model, checkpoints, shard loading and the training loop. Plain PyTorch:
 nothing here imports ray or mlflow."""
 
 from vit.checkpoint import (
