@@ -26,7 +26,8 @@ from torchvision.transforms import v2
 
 from benchmarks.corpora import cifar10_shards
 from benchmarks.machine import header
-from vit.data import DataConfig, read_dataset_index, train_loader, train_transform
+from vit.data import DataConfig, read_dataset_index, train_loader
+from vit.data.transforms import train_transform
 
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 

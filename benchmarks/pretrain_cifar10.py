@@ -25,7 +25,7 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 
 from benchmarks.corpora import cifar10_shards  # noqa: E402
 from benchmarks.machine import header  # noqa: E402
-from vit import VisionTransformer  # noqa: E402
+from vit.checkpoint import model_from_checkpoint  # noqa: E402
 from vit.data import eval_loader  # noqa: E402
 from vit.loop import evaluate  # noqa: E402
 from workflows import tracking  # noqa: E402
@@ -107,8 +107,7 @@ def main() -> None:
     train_done = time.monotonic()
 
     plain = tracking.load_plain_model(uri, f"models:/vit-pretrained/{result.version}")
-    model = VisionTransformer(plain.config)
-    model.load_state_dict(plain.state_dict)
+    model = model_from_checkpoint(plain.state_dict, plain.config)
     test = evaluate(model, eval_loader(shards, config.data, rank=0, world_size=1, split="test"), precision=args.precision)
     elapsed = time.monotonic() - started
     client = MlflowClient(uri)

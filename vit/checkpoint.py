@@ -1,4 +1,10 @@
-"""State-dict adaptation: moving a pre-trained ViT to a new resolution or a new task, and timm's layout.
+"""Checkpoints and state dicts: what a training checkpoint holds, saving and loading it, rebuilding a model
+from saved weights, and adapting weights to a new resolution, a new task or timm's layout.
+
+A training checkpoint is ``<checkpoint_dir>/step-NNNNNN/checkpoint.pt`` (:data:`CHECKPOINT_FILE`): one dict,
+laid out by :func:`training_state`, of plain tensors and primitive containers that load with
+``torch.load(weights_only=True)``. Existing checkpoints must keep loading: change the layout only with a
+new :data:`CHECKPOINT_VERSION`.
 
 Fine-tuning at a higher resolution keeps the patch size, so the sequence gets longer and the learned
 position embeddings no longer fit. The paper (Section 3.2) resamples them by 2D interpolation over the
@@ -9,16 +15,24 @@ from __future__ import annotations
 
 import math
 import pickle
+import random
 import re
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from vit.config import ViTConfig
 from vit.model import VisionTransformer, sincos_pos_embed_2d
+
+CHECKPOINT_FILE = "checkpoint.pt"
+CHECKPOINT_FORMAT = "vitflow-checkpoint"
+CHECKPOINT_VERSION = 1
 
 NUM_PREFIX_TOKENS = 1  # the [class] token
 
@@ -59,6 +73,145 @@ def _first_line(error: BaseException) -> str:
     if lines:
         return lines[0]
     return "the file ends early: truncated or still being written" if isinstance(error, EOFError) else type(error).__name__
+
+
+# --- training checkpoints ------------------------------------------------------------------------
+
+
+def training_state(
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    schedule: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler,
+    step: int,
+    epoch: int,
+    batch_in_epoch: int,
+    train_config: Mapping[str, Any],
+    precision: str,
+    metadata: Mapping[str, Any],
+) -> dict[str, Any]:
+    """The checkpoint of a training run after ``step`` optimiser steps, ``batch_in_epoch`` batches into
+    ``epoch``: every key a checkpoint has. ``model_config`` is the model's ``config`` (``{}`` for a model
+    without one); ``rng`` holds this process's generators (torch, CUDA, NumPy, Python)."""
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "step": step,
+        "epoch": epoch,
+        "batch_in_epoch": batch_in_epoch,
+        "model": model.state_dict(),
+        "model_config": model.config.to_dict() if hasattr(model, "config") else {},
+        "optimizer": optimizer.state_dict(),
+        "schedule": schedule.state_dict(),
+        "scaler": scaler.state_dict(),
+        "rng": _rng_state(),
+        "train_config": dict(train_config),
+        "precision": precision,
+        "metadata": dict(metadata),
+    }
+
+
+def restore_training_state(
+    state: Mapping[str, Any],
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    schedule: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler,
+) -> tuple[int, int, int]:
+    """Load a :func:`training_state` into the run's objects and this process's generators; return its
+    ``(step, epoch, batch_in_epoch)``."""
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    schedule.load_state_dict(state["schedule"])
+    scaler.load_state_dict(state["scaler"])
+    _set_rng_state(state["rng"])
+    return state["step"], state["epoch"], state["batch_in_epoch"]
+
+
+def _rng_state() -> dict[str, Any]:
+    """Every generator the loop or a caller may draw from, as tensors and primitives (weights_only)."""
+    version, mt_state, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "python": {"version": version, "state": torch.tensor(mt_state, dtype=torch.int64), "gauss": gauss},
+    }
+
+
+def _set_rng_state(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"].tolist()), p["gauss"]))
+
+
+def save_checkpoint(directory: str | Path, state: Mapping[str, Any]) -> Path:
+    """Write ``state`` (a :func:`training_state`) to ``directory/step-NNNNNN/checkpoint.pt`` atomically (a
+    fresh directory per checkpoint, renamed into place) and return that directory."""
+    target = Path(directory) / f"step-{state['step']:06d}"
+    staging = target.with_name(target.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    torch.save(dict(state), staging / CHECKPOINT_FILE)
+    if target.exists():
+        shutil.rmtree(target)
+    staging.rename(target)
+    return target
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A checkpoint directory (or its ``checkpoint.pt``), loaded with ``weights_only=True`` on the CPU."""
+    path = Path(path)
+    file = path / CHECKPOINT_FILE if path.is_dir() else path
+    state = load_weights_only(file)  # never unpickles objects or code, whatever the file holds
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or state.get("version") != CHECKPOINT_VERSION:
+        raise ValueError(f"{file}: not a {CHECKPOINT_FORMAT} v{CHECKPOINT_VERSION} checkpoint")
+    return state
+
+
+def model_from_checkpoint(
+    checkpoint: str | Path | Mapping[str, Any], config: ViTConfig | None = None
+) -> VisionTransformer:
+    """The ViT saved in ``checkpoint``, weights loaded strictly, in eval mode (its config is ``model.config``).
+
+    ``checkpoint`` is a training checkpoint folder or its ``checkpoint.pt``, a checkpoint already loaded
+    (:func:`load_checkpoint`), or bare weights (a state dict, e.g. a logged model's) with their ``config``.
+    This rebuilds the model as it was trained; fine-tuning's new head and resolution are
+    :func:`load_pretrained`'s job.
+    """
+    origin = "checkpoint"
+    if isinstance(checkpoint, (str, Path)):
+        path = Path(checkpoint)
+        origin = str(path / CHECKPOINT_FILE if path.is_dir() else path)
+        checkpoint = load_checkpoint(path)
+    if checkpoint.get("format") == CHECKPOINT_FORMAT:
+        if config is not None:
+            raise ValueError(f"{origin}: a {CHECKPOINT_FORMAT} holds its model config; give config only with bare weights")
+        if not checkpoint.get("model_config") or "model" not in checkpoint:
+            raise ValueError(f"{origin}: a {CHECKPOINT_FORMAT} without a ViT's model_config and weights")
+        config, weights = ViTConfig.from_dict(checkpoint["model_config"]), checkpoint["model"]
+    elif config is None:
+        raise ValueError(f"{origin}: not a {CHECKPOINT_FORMAT} v{CHECKPOINT_VERSION} checkpoint "
+                         "(bare weights need their config)")
+    else:
+        weights = checkpoint
+    model = VisionTransformer(config)
+    try:
+        model.load_state_dict(weights)  # strict: every key, every shape
+    except RuntimeError as error:
+        raise ValueError(f"{origin}: the weights do not fit the model of its config ({' '.join(str(error).split())})") from None
+    return model.eval()
+
+
+# --- adapting weights ----------------------------------------------------------------------------
 
 
 def resample_pos_embed(

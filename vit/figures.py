@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from vit.data import IMAGENET_MEAN, IMAGENET_STD
+from vit.data.config import IMAGENET_MEAN, IMAGENET_STD
 from vit.model import VisionTransformer
 
 NUM_PREFIX_TOKENS = 1  # the [class] token, first in every sequence

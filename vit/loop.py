@@ -5,8 +5,9 @@ The loop talks to the outside world through two things only (STYLE.md, "every bo
 - ``report(step, metrics, checkpoint_dir=None)``, a callable it is given. Every rank calls it at the same
   steps (log, eval and checkpoint steps), so a caller may wrap a collective such as ``ray.train.report``;
   only rank 0 writes checkpoints, and passes ``checkpoint_dir`` where it did.
-- checkpoint directories ``<checkpoint_dir>/step-NNNNNN/checkpoint.pt`` (:data:`CHECKPOINT_FILE`): plain
-  tensors and primitive containers that load with ``torch.load(weights_only=True)``.
+- checkpoint directories ``<checkpoint_dir>/step-NNNNNN/checkpoint.pt``, written and read by
+  ``vit.checkpoint`` (which owns their layout): plain tensors and primitive containers that load with
+  ``torch.load(weights_only=True)``.
 
 Distributed training is the caller's business: it passes ``rank`` and a ``prepare_model`` hook (e.g. one
 that wraps the model in ``DistributedDataParallel``); gradient accumulation then skips the gradient
@@ -20,31 +21,25 @@ import contextlib
 import dataclasses
 import logging
 import math
-import random
-import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vit.checkpoint import load_weights_only
+from vit.checkpoint import load_checkpoint, restore_training_state, save_checkpoint, training_state
 from vit.config import ViTConfig
-from vit.data import DatasetError, derive_seed
+from vit.data import DatasetError
+from vit.data.plan import derive_seed
 from vit.flops import train_flops
 from vit.optim import OptimConfig, build_optimizer, build_schedule
 from vit.precision import CHOICES, PrecisionChoice, autocast, probe, resolve_precision
 
 log = logging.getLogger(__name__)
-
-CHECKPOINT_FILE = "checkpoint.pt"
-CHECKPOINT_FORMAT = "vitflow-checkpoint"
-CHECKPOINT_VERSION = 1
 
 class NonFiniteLossError(FloatingPointError):
     """The training loss or gradient became NaN or infinite: the run diverged (early-stopping signal for
@@ -155,56 +150,6 @@ def evaluate(model: nn.Module, data: Iterable[Any], *, device: str | torch.devic
     return {"loss": loss / count, "top1": top1 / count, "top5": top5 / count, "num_samples": int(count)}
 
 
-# --- checkpoints ---------------------------------------------------------------------------------
-
-
-def _rng_state() -> dict[str, Any]:
-    """Every generator the loop or a caller may draw from, as tensors and primitives (weights_only)."""
-    version, mt_state, gauss = random.getstate()
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
-        "python": {"version": version, "state": torch.tensor(mt_state, dtype=torch.int64), "gauss": gauss},
-    }
-
-
-def _set_rng_state(state: Mapping[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    n = state["numpy"]
-    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
-    p = state["python"]
-    random.setstate((p["version"], tuple(p["state"].tolist()), p["gauss"]))
-
-
-def save_checkpoint(directory: str | Path, state: Mapping[str, Any]) -> Path:
-    """Write ``state`` to ``directory/step-NNNNNN/checkpoint.pt`` atomically (a fresh directory per
-    checkpoint, renamed into place) and return that directory."""
-    target = Path(directory) / f"step-{state['step']:06d}"
-    staging = target.with_name(target.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    torch.save(dict(state), staging / CHECKPOINT_FILE)
-    if target.exists():
-        shutil.rmtree(target)
-    staging.rename(target)
-    return target
-
-
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A checkpoint directory (or its ``checkpoint.pt``), loaded with ``weights_only=True`` on the CPU."""
-    path = Path(path)
-    file = path / CHECKPOINT_FILE if path.is_dir() else path
-    state = load_weights_only(file)  # never unpickles objects or code, whatever the file holds
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or state.get("version") != CHECKPOINT_VERSION:
-        raise ValueError(f"{file}: not a {CHECKPOINT_FORMAT} v{CHECKPOINT_VERSION} checkpoint")
-    return state
-
-
 # --- training ------------------------------------------------------------------------------------
 
 
@@ -260,12 +205,8 @@ def fit(
         if trained_on is not None and given is not None and list(trained_on) != list(given):
             raise DatasetError(f"{resume_from}: the checkpoint's head predicts classes {list(trained_on)[:5]} "
                                f"({len(trained_on)}), the data has {list(given)[:5]} ({len(given)}): the class maps differ")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        scaler.load_state_dict(state["scaler"])
-        step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
-        _set_rng_state(state["rng"])
+        step, epoch, batch_in_epoch = restore_training_state(state, model=model, optimizer=optimizer,
+                                                             schedule=schedule, scaler=scaler)
         if rank != 0:  # only rank 0's generators were saved; the others start a fresh, distinct stream
             torch.manual_seed(derive_seed(config.seed, rank, step))
         log.info("resumed from %s at step %d (epoch %d, batch %d)", resume_from, step, epoch, batch_in_epoch)
@@ -360,22 +301,10 @@ def fit(
             saved = None
             if final or (config.checkpoint_every and step % config.checkpoint_every == 0):
                 if rank == 0 and checkpoint_dir is not None:
-                    saved = save_checkpoint(checkpoint_dir, {
-                        "format": CHECKPOINT_FORMAT,
-                        "version": CHECKPOINT_VERSION,
-                        "step": step,
-                        "epoch": epoch,
-                        "batch_in_epoch": batch_in_epoch,
-                        "model": model.state_dict(),
-                        "model_config": model.config.to_dict() if hasattr(model, "config") else {},
-                        "optimizer": optimizer.state_dict(),
-                        "schedule": schedule.state_dict(),
-                        "scaler": scaler.state_dict(),
-                        "rng": _rng_state(),
-                        "train_config": config.to_dict(),
-                        "precision": precision,
-                        "metadata": extra,
-                    })
+                    saved = save_checkpoint(checkpoint_dir, training_state(
+                        model=model, optimizer=optimizer, schedule=schedule, scaler=scaler, step=step, epoch=epoch,
+                        batch_in_epoch=batch_in_epoch, train_config=config.to_dict(), precision=precision,
+                        metadata=extra))
                 metrics.setdefault("train/epoch", epoch + batch_in_epoch / train_data.batches_per_epoch)
             if metrics:
                 latest.update(metrics)

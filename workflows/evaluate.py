@@ -65,7 +65,7 @@ def run_evaluate(config: EvaluateConfig, *, parent_run_id: str | None = None) ->
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from vit import VisionTransformer
+    from vit.checkpoint import model_from_checkpoint
     from vit.evaluation import classification_metrics, confusion_matrix_figure, predict
     from workflows import tracking
 
@@ -74,8 +74,7 @@ def run_evaluate(config: EvaluateConfig, *, parent_run_id: str | None = None) ->
     index = read_dataset_index(config.dataset)
     index.split(config.split)
     check_class_map(plain.class_names, index.class_names, config.model, config.dataset)
-    model = VisionTransformer(plain.config)
-    model.load_state_dict(plain.state_dict)
+    model = model_from_checkpoint(plain.state_dict, plain.config)
     data = model_data_config(plain.preprocessing, plain.config.image_size[0], config.batch_size)
     logits, labels = predict(model, eval_loader(config.dataset, data, rank=0, world_size=1, split=config.split))
     metrics = classification_metrics(logits, labels, list(index.class_names))

@@ -491,9 +491,9 @@ def _conclude(config: FinetuneSearchConfig, grid, pretrained, index, tracking_ur
     import pyarrow.parquet as pq
     from ray.train import Checkpoint
 
-    from vit import VisionTransformer
+    from vit.checkpoint import model_from_checkpoint
     from vit.data import eval_loader
-    from vit.loop import evaluate, load_checkpoint
+    from vit.loop import evaluate
     from workflows import tracking
     from workflows.evaluate import log_model_figures, preprocessing_of
 
@@ -531,9 +531,7 @@ def _conclude(config: FinetuneSearchConfig, grid, pretrained, index, tracking_ur
                                                        "trials_failed": sum(r["status"] == "error" for r in rows)})
 
     with Checkpoint(best["checkpoint_path"]).as_directory() as folder:
-        state = load_checkpoint(folder)
-    model = VisionTransformer(ViTConfig.from_dict(state["model_config"]))
-    model.load_state_dict(state["model"])
+        model = model_from_checkpoint(folder)
     data = DataConfig.from_dict({**config.data.to_dict(), "image_size": model.config.image_size[0]})
     test = evaluate(model, eval_loader(config.dataset, data, rank=0, world_size=1, split=config.test_split))
     best_run = tracking.find_run(tracking_uri, config.tracking.experiment,

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vit import ViTConfig, gflops
+from vit.checkpoint import model_from_checkpoint
 from vit.data import check_dataset, read_dataset_index
 from workflows import tags as tag
 from workflows.configs import PretrainConfig, absolute_uri, load_yaml_config
@@ -156,14 +157,8 @@ def run_pretrain(config: PretrainConfig, *, parent_run_id: str | None = None, co
 
 
 def _final_model(checkpoint):
-    from vit import VisionTransformer
-    from vit.loop import load_checkpoint
-
     with checkpoint.as_directory() as folder:
-        state = load_checkpoint(folder)
-    model = VisionTransformer(ViTConfig.from_dict(state["model_config"]))
-    model.load_state_dict(state["model"])
-    return model
+        return model_from_checkpoint(folder)
 
 
 def offline_dir(storage: str, name: str) -> str:

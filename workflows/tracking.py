@@ -29,7 +29,7 @@ from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 
 from vit import ViTConfig, VisionTransformer
-from vit.checkpoint import load_weights_only
+from vit.checkpoint import load_weights_only, model_from_checkpoint
 from workflows import tags as tag
 
 log = logging.getLogger(__name__)
@@ -582,8 +582,7 @@ def upload_offline(folder: str | Path, tracking_uri: str | None = None) -> Uploa
         spilled.rename(spilled.with_suffix(".sent.jsonl"))
     run_id = manifest["run_id"]
     plain = load_plain_model(uri, str(folder / "model"))
-    model = VisionTransformer(plain.config)
-    model.load_state_dict(plain.state_dict)
+    model = model_from_checkpoint(plain.state_dict, plain.config)
     logged = log_vit_model(uri, run_id, model, plain.class_names, preprocessing=plain.preprocessing)
     version = None
     if manifest.get("register_as"):

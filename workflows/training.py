@@ -239,7 +239,7 @@ def persist_checkpoint(folder: str, run_storage: str, keep: int = 1) -> str:
 
 def checkpoint_step(folder: str | None) -> int:
     """The step a vit checkpoint folder was saved at (-1 for none)."""
-    from vit.loop import load_checkpoint
+    from vit.checkpoint import load_checkpoint
 
     return -1 if folder is None else int(load_checkpoint(folder)["step"])
 
@@ -279,7 +279,7 @@ def newest_persisted_checkpoint(run_storage: str | None, than_step: int, scratch
         return None
     import pyarrow.fs as pafs
 
-    from vit.loop import load_checkpoint
+    from vit.checkpoint import load_checkpoint
 
     fs, names = persisted_checkpoints(run_storage)
     local = "://" not in run_storage

@@ -23,7 +23,7 @@ VITFLOW = str(Path(sys.executable).parent / "vitflow")
 def checkpoint_steps(run_dir: Path, folders: str = "checkpoint_*") -> list[int]:
     """Steps of the checkpoints Ray Train has persisted under ``run_dir`` in folders matching ``folders``
     (complete ones only: a folder appears before its file is copied in)."""
-    from vit.loop import CHECKPOINT_FILE, load_checkpoint
+    from vit.checkpoint import CHECKPOINT_FILE, load_checkpoint
 
     steps = []
     for file in run_dir.glob(f"{folders}/{CHECKPOINT_FILE}") if run_dir.is_dir() else []:

@@ -100,7 +100,7 @@ def test_training_skips_undecodable_samples_up_to_the_limit(shards):
 
     assert report.calls[-1][0] == steps and data.batch_sizes == [32] * steps  # stand-ins keep batches full
     assert not bad_keys & data.keys
-    # Exactly the 3 once; a stand-in read past the epoch's range can meet them again (see vit/data.py).
+    # Exactly the 3 once; a stand-in read past the epoch's range can meet them again (see vit/data/loader.py).
     assert 3 <= loader.stats.bad_samples <= 6 and final["data/bad_samples"] == loader.stats.bad_samples
     assert loader.stats.last_bad.endswith("train-000005.tar")
 

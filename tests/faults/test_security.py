@@ -150,7 +150,8 @@ TINY = ViTConfig(image_size=8, patch_size=4, embed_dim=16, depth=1, num_heads=2,
 
 
 def test_a_malicious_checkpoint_is_refused_on_resume(tmp_path):
-    from vit.loop import CHECKPOINT_FILE, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, TrainConfig, fit, load_checkpoint
+    from vit.checkpoint import CHECKPOINT_FILE, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, load_checkpoint
+    from vit.loop import TrainConfig, fit
 
     marker = tmp_path / "MARKER"
     folder = tmp_path / "checkpoints" / "step-000004"

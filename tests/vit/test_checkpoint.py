@@ -79,3 +79,35 @@ def test_a_truncated_weights_file_is_named_not_a_crash(tmp_path):
         with pytest.raises(ValueError, match=rf"cut-{size}\.pt: (not a readable PyTorch weights file|refused to load)"):
             load_weights_only(cut)
     assert torch.equal(load_weights_only(whole)["w"], torch.ones(64))
+
+
+def test_model_from_checkpoint_rebuilds_the_trained_model(tmp_path):
+    """From a checkpoint folder, its file, a loaded checkpoint or bare weights with their config: the same
+    weights, strictly loaded, in eval mode."""
+    from tests.vit.test_loop import Recorder, random_data, tiny_model
+    from vit.checkpoint import CHECKPOINT_FILE, load_checkpoint, model_from_checkpoint
+    from vit.loop import TrainConfig, fit
+
+    trained = tiny_model()
+    fit(trained, random_data(), None, TrainConfig(total_steps=2), report=Recorder(), checkpoint_dir=tmp_path)
+    folder = tmp_path / "step-000002"
+    for source in (folder, folder / CHECKPOINT_FILE, load_checkpoint(folder)):
+        model = model_from_checkpoint(source)
+        assert model.config == trained.config and not model.training
+        for (name, a), b in zip(trained.state_dict().items(), model.state_dict().values()):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    bare = model_from_checkpoint(trained.state_dict(), trained.config)
+    assert torch.equal(bare.head.weight, trained.head.weight) and not bare.training
+
+
+def test_model_from_checkpoint_names_what_it_refuses(tmp_path):
+    from vit.checkpoint import model_from_checkpoint
+
+    weights = tmp_path / "weights.pt"
+    torch.save(VisionTransformer(tiny()).state_dict(), weights)
+    with pytest.raises(ValueError, match=r"weights\.pt: not a vitflow-checkpoint v1 checkpoint"):
+        model_from_checkpoint(weights)
+    with pytest.raises(ValueError, match="bare weights need their config"):
+        model_from_checkpoint(VisionTransformer(tiny()).state_dict())
+    with pytest.raises(ValueError, match="do not fit the model of its config"):
+        model_from_checkpoint(VisionTransformer(tiny()).state_dict(), tiny(embed_dim=64))

@@ -7,9 +7,7 @@ import functools
 import io
 import json
 import logging
-import os
 import pickle
-import tarfile
 from collections import Counter
 from pathlib import Path
 
@@ -19,15 +17,8 @@ import torch
 import webdataset as wds
 
 from tests.conftest import DATASETS
-from vit.data import (
-    DataConfig,
-    DataError,
-    eval_loader,
-    plan_epoch,
-    read_dataset_index,
-    shard_order,
-    train_loader,
-)
+from vit.data import DataConfig, DataError, eval_loader, read_dataset_index, train_loader
+from vit.data.plan import plan_epoch, shard_order
 
 CLASS_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 

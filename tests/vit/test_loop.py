@@ -9,7 +9,8 @@ import torch
 from tests.vit.test_data import write_dataset
 from vit import VisionTransformer, ViTConfig
 from vit.data import DataConfig, eval_loader, train_loader
-from vit.loop import CHECKPOINT_FILE, NonFiniteLossError, TrainConfig, evaluate, fit, load_checkpoint
+from vit.checkpoint import CHECKPOINT_FILE, load_checkpoint
+from vit.loop import NonFiniteLossError, TrainConfig, evaluate, fit
 from vit.optim import OptimConfig
 
 

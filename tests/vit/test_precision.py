@@ -15,8 +15,9 @@ import torch
 
 from tests.vit.test_loop import Recorder, TensorData, cifar, data_config, tiny_model  # noqa: F401 (fixture)
 from vit import train_flops
+from vit.checkpoint import load_checkpoint
 from vit.data import train_loader
-from vit.loop import TrainConfig, fit, load_checkpoint
+from vit.loop import TrainConfig, fit
 from vit.perf import measure_peak, peak_flops, table_peak
 from vit.precision import Hardware, SlowPrecisionWarning, probe, resolve_precision
 

@@ -1,0 +1,44 @@
+"""Per-image preprocessing (training crops, flips and RandAugment; evaluation resize and center crop) and
+the per-batch MixUp / CutMix, all built from a ``DataConfig`` with torchvision's ``v2`` transforms."""
+
+from __future__ import annotations
+
+import torch
+from torchvision.transforms import v2
+
+from vit.data.config import DataConfig
+
+
+def train_transform(config: DataConfig) -> v2.Transform:
+    """Per image, on (3, H, W) uint8: crop, flip, optional RandAugment, then float + normalise."""
+    steps: list[v2.Transform] = [
+        v2.RandomResizedCrop(config.image_size, scale=config.crop_scale, ratio=config.crop_ratio, antialias=True),
+        v2.RandomHorizontalFlip(config.hflip),
+    ]
+    if config.randaugment:
+        steps.append(v2.RandAugment(num_ops=config.randaugment_num_ops, magnitude=config.randaugment_magnitude))
+    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(config.mean, config.std)]
+    return v2.Compose(steps)
+
+
+def eval_transform(config: DataConfig) -> v2.Transform:
+    """Resize the shorter side to ``image_size / crop_pct``, center-crop ``image_size``, normalise."""
+    resize = int(round(config.image_size / config.crop_pct))
+    return v2.Compose([
+        v2.Resize(resize, antialias=True),
+        v2.CenterCrop(config.image_size),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(config.mean, config.std),
+    ])
+
+
+def batch_transform(config: DataConfig, num_classes: int) -> v2.Transform | None:
+    """MixUp / CutMix on a whole batch: int labels (B,) -> soft targets (B, K); ``None`` when both are off."""
+    choices = []
+    if config.mixup_alpha > 0:
+        choices.append(v2.MixUp(alpha=config.mixup_alpha, num_classes=num_classes))
+    if config.cutmix_alpha > 0:
+        choices.append(v2.CutMix(alpha=config.cutmix_alpha, num_classes=num_classes))
+    if not choices:
+        return None
+    return choices[0] if len(choices) == 1 else v2.RandomChoice(choices)
