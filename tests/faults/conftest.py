@@ -9,13 +9,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.workflows.conftest import (  # noqa: F401  (fixtures, re-exported for this folder)
-    cifar_shards,
-    cifar_source,
-    flowers_shards,
-    flowers_source,
-    local_ray,
-)
+from tests.workflows.conftest import local_ray  # noqa: F401  (a fixture, re-exported for this folder)
 
 VITFLOW = str(Path(sys.executable).parent / "vitflow")
 

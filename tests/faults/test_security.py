@@ -27,6 +27,7 @@ import torch
 import yaml
 
 from pipeline import manifest
+from tests.conftest import SECRET_VARIABLES
 from vit import ViTConfig, VisionTransformer
 
 pytestmark = pytest.mark.slow
@@ -249,8 +250,6 @@ def test_downloaded_weights_are_never_unpickled(tmp_path, poisoned_registry, flo
 # --- secrets in the environment never reach MLflow -----------------------------------------------------
 
 # MLFLOW_TRACKING_USERNAME is not among them: it is who logs, and MLflow records it as `mlflow.user`.
-SECRET_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "MLFLOW_TRACKING_PASSWORD",
-                    "MLFLOW_TRACKING_TOKEN", "RAY_AUTH_TOKEN", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "GITHUB_TOKEN")
 
 
 def canaries() -> dict[str, str]:
@@ -321,38 +320,25 @@ def test_the_leak_scan_finds_a_planted_secret(tmp_path):
     assert any("mlflow.db" in where for where in found)
 
 
-def test_secrets_in_the_environment_never_reach_mlflow(tmp_path, cifar_source, flowers_source):
-    """A whole tiny workflow (shard, pre-train on Ray Train, a one-trial search, evaluation) run by
+def test_secrets_in_the_environment_never_reach_mlflow(mini_workflow):
+    """A whole tiny workflow (shard, pre-train on Ray Train, a two-trial search, evaluation) run by
     `vitflow run` with secrets in its environment: none of them is anywhere in the store."""
-    from tests.workflows.test_runner import mini_spec
-
-    spec = mini_spec(cifar_source, flowers_source, num_samples=1)
-    spec["workdir"] = str(tmp_path / "work")
-    spec["finetune"]["search"]["max_concurrent_trials"] = 1
-    path = tmp_path / "spec.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    planted = canaries()
-    username = f"canary-user-{secrets.token_hex(8)}"
-    env = {**os.environ, **planted, "MLFLOW_TRACKING_USERNAME": username}
-    start = time.monotonic()
-    result = vitflow("run", str(path), timeout=1200, env=env)
-    elapsed = time.monotonic() - start
-    assert result.returncode == 0, f"{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
-
-    uri = f"sqlite:///{tmp_path / 'work' / 'mlflow.db'}"
     from mlflow.tracking import MlflowClient
 
+    uri = mini_workflow.tracking_uri
     client = MlflowClient(uri, registry_uri=uri)
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert len(runs) >= 6 and client.search_model_versions("name = 'vit-finetuned'")  # the scan covers real work
-    found = leaks(uri, list(planted.values()))
+    found = leaks(uri, list(mini_workflow.planted.values()))
     assert found == [], "\n".join(found)
     # The login name is recorded, as MLflow means it to be: only as the `mlflow.user` of what it logged.
-    named = [where for where in leaks(uri, [username]) if not where.startswith(str(tmp_path / "work" / "mlflow.db"))]
+    named = [where for where in leaks(uri, [mini_workflow.username])
+             if not where.startswith(str(mini_workflow.workdir / "mlflow.db"))]
     assert named and all(" mlflow.user: " in where for where in named), named
     # Outside MLflow: checkpoints and Ray's run state (storage_path) hold none either.
-    storage = tmp_path / "work" / "runs"
+    storage = mini_workflow.workdir / "runs"
     outside = [str(file) for file in storage.rglob("*") if file.is_file()
-               for value in planted.values() if value.encode() in file.read_bytes()]
+               for value in mini_workflow.planted.values() if value.encode() in file.read_bytes()]
     assert outside == [], outside
-    print(f"secrets scan: {len(runs)} runs, `vitflow run` {elapsed:.0f} s, no secret in the store or the run storage")
+    print(f"secrets scan: {len(runs)} runs, `vitflow run` {mini_workflow.elapsed_s:.0f} s, no secret in the store "
+          f"or the run storage")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pyarrow.parquet as pq
 import pytest
-import torch
 from mlflow.tracking import MlflowClient
 
 import mlflow
