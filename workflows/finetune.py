@@ -39,7 +39,8 @@ TRIAL_DRIVER_RESOURCE = "vitflow_trial_driver"
 METRIC = "val/top1"
 MODES = {"val/top1": "max", "val/loss": "min"}  # what a search may compare trials on, and which way is better
 # Fields of the stage's own configs that the search sets for every trial, with what sets them and what to
-# do instead: each is refused in the section and as a search choice (a value there would be overwritten).
+# do instead: each is refused in the section (a value there would be overwritten) and as a search choice,
+# but for optim.lr: a choice of values in place of search.lr's draw (e.g. a divergence drill's lr).
 SEARCH_OWNED = {
     "image_size": ("the search's search.image_size chooses the resolution (each trial's data and model)", "remove it"),
     "data.image_size": ("the search's search.image_size chooses the resolution (each trial's data and model)", "remove it"),
@@ -98,7 +99,7 @@ class SearchConfig(BaseModel):
         problems = []
         for name, values in choices.items():
             section, _, key = name.partition(".")
-            if name == "mode":
+            if name == "mode":  # full or linear_probe, per trial
                 pass
             elif section not in configs or not key:
                 problems.append(f"{name}: choices name fields as data.X, train.X, optim.X or mode")
