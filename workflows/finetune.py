@@ -20,16 +20,17 @@ import logging
 import math
 import statistics
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_serializer, field_validator, model_validator
 
 from vit import ViTConfig, gflops
 from vit.data import DataConfig, check_dataset, read_dataset_index
-from vit.finetune import FinetuneConfig
+from vit.finetune import FinetuneConfig, FinetuneMode, paper_finetune_optim
 from vit.loop import TrainConfig
+from vit.optim import OptimConfig
 from workflows import tags as tag
 from workflows.configs import Resources, Tracking, absolute_uri, load_yaml_config
 
@@ -38,6 +39,20 @@ log = logging.getLogger(__name__)
 TRIAL_DRIVER_RESOURCE = "vitflow_trial_driver"
 METRIC = "val/top1"
 MODES = {"val/top1": "max", "val/loss": "min"}  # what a search may compare trials on, and which way is better
+# Fields of the stage's own configs that the search sets for every trial, with what sets them and what to
+# do instead: each is refused in the section (a value there would be overwritten) and as a search choice,
+# but for optim.lr: a choice of values in place of search.lr's draw (e.g. a divergence drill's lr).
+SEARCH_OWNED = {
+    "image_size": ("the search's search.image_size chooses the resolution (each trial's data and model)", "remove it"),
+    "data.image_size": ("the search's search.image_size chooses the resolution (each trial's data and model)", "remove it"),
+    "optim.lr": ("the search's search.lr chooses the learning rate (each trial draws one between its min and max)",
+                 "remove it"),
+    "train.optim": ("the optimiser is given in one place, the section's optim (finetune.optim in a workflow spec)",
+                    "move it there"),
+}
+# What the search itself reads from the section (ASHA's max_t, when a trial has finished, the checks that
+# checkpoints fall on evaluations): the same for every trial, so never a choice.
+SECTION_WIDE = ("train.total_steps", "train.eval_every", "train.checkpoint_every")
 
 
 class LogUniform(BaseModel):
@@ -67,7 +82,7 @@ class SearchConfig(BaseModel):
 
     image_size: list[PositiveInt] = Field(..., min_length=1, description="fine-tuning resolutions to choose from")
     lr: LogUniform
-    choices: dict[str, list[Any]] = Field(default_factory=dict, description="more fields by dotted name, e.g. train.label_smoothing")
+    choices: dict[str, list[Any]] = Field(default_factory=dict, description="more fields by dotted name (data.X, train.X, optim.X) or mode, e.g. train.label_smoothing; optim.lr replaces the lr draw")
     num_samples: int = Field(4, ge=1)
     max_concurrent_trials: int = Field(2, ge=1)
     scheduler: Scheduler | None = None
@@ -81,24 +96,41 @@ class SearchConfig(BaseModel):
     @field_validator("choices")
     @classmethod
     def _known_fields(cls, choices: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        configs = {"data": DataConfig, "train": TrainConfig, "optim": OptimConfig}
+        problems = []
         for name, values in choices.items():
             section, _, key = name.partition(".")
-            if section not in ("data", "train", "optim", "finetune") or not key:
-                raise ValueError(f"{name}: choices name fields as data.X, train.X, optim.X or finetune.X")
+            if name == "mode":  # full or linear_probe, per trial
+                pass
+            elif section not in configs or not key:
+                problems.append(f"{name}: choices name fields as data.X, train.X, optim.X or mode")
+            elif key not in {field.name for field in fields(configs[section])}:
+                problems.append(f"{name}: {configs[section].__name__} has no field {key!r}")
+            elif name in SEARCH_OWNED and name != "optim.lr":  # optim.lr: a grid in place of search.lr's draw
+                problems.append(f"{name}: not a choice: {SEARCH_OWNED[name][0]}")
+            elif name in SECTION_WIDE:
+                problems.append(f"{name}: not a choice: the search schedules every trial by the section's {name}")
             if not values:
-                raise ValueError(f"{name}: give at least one value")
+                problems.append(f"{name}: give at least one value")
+        if problems:
+            raise ValueError("; ".join(problems))
         return choices
 
 
 class FinetuneSettings(BaseModel):
-    """What the search does: recipe, data, schedule, search space and resources (the spec's section)."""
+    """What the search does: recipe, data, schedule, search space and resources (the spec's section).
+
+    The recipe's fields (``vit.finetune.FinetuneConfig`` but its image size, which the search chooses) sit
+    in the section itself; :meth:`recipe` puts them together for one resolution."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     train_split: str = "train"
     val_split: str = "val"
     test_split: str = "test"
-    finetune: FinetuneConfig = FinetuneConfig()
+    mode: FinetuneMode = "full"
+    optim: OptimConfig = Field(default_factory=paper_finetune_optim,
+                               description="every trial's optimiser (Appendix B.1.1); search.lr sets its lr")
     data: DataConfig = DataConfig()
     train: TrainConfig
     search: SearchConfig
@@ -106,8 +138,35 @@ class FinetuneSettings(BaseModel):
     register_as: str | None = "vit-finetuned"
     champion_alias: str = "champion"
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_owned_keys(cls, data: Any) -> Any:
+        """Keys that would be overwritten are refused by name, with where their value goes instead."""
+        if not isinstance(data, dict):
+            return data
+        problems = []
+        if "finetune" in data:  # the spelling before the recipe's fields moved up into the section
+            problems.append("finetune: the recipe's keys now sit directly in the fine-tune section: write "
+                            "finetune.optim / finetune.mode (optim: and mode: beside train: and search:)")
+        for name, (reason, remedy) in SEARCH_OWNED.items():
+            if _holds(data, name):
+                problems.append(f"{name}: {reason}: {remedy}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return data
+
+    @field_serializer("data", "train", "optim", mode="wrap")
+    def _without_owned_keys(self, value: Any, handler, info) -> Any:
+        """A dump (the stage's fingerprint, the trials' copy of the configuration) is a valid section again:
+        it leaves out what the section refuses (data.image_size, train.optim, optim.lr)."""
+        return {key: field for key, field in handler(value).items() if f"{info.field_name}.{key}" not in SEARCH_OWNED}
+
     @model_validator(mode="after")
     def _consistent(self):
+        # The trials train with the section's optim: TrainConfig holds it (and checks its warmup_steps
+        # against total_steps here, at load, not in a trial).
+        object.__setattr__(self, "train", replace(self.train, optim=self.optim))
+        self.recipe(self.search.image_size[0])  # e.g. linear_probe with optim.layer_decay, named at load
         if self.search.scheduler and self.search.scheduler.grace_period > self.train.total_steps:
             raise ValueError(f"search.scheduler.grace_period {self.search.scheduler.grace_period} exceeds "
                              f"train.total_steps {self.train.total_steps}")
@@ -117,6 +176,20 @@ class FinetuneSettings(BaseModel):
             raise ValueError(f"train.checkpoint_every {self.train.checkpoint_every} must be a multiple of "
                              f"train.eval_every {self.train.eval_every}: trials report to Tune at evaluations")
         return self
+
+    def recipe(self, image_size: int) -> FinetuneConfig:
+        """The paper's recipe at one of the search's resolutions."""
+        return FinetuneConfig(image_size=image_size, mode=self.mode, optim=self.optim)
+
+
+def _holds(data: dict[str, Any], dotted: str) -> bool:
+    """Whether the raw section ``data`` gives the key at the dotted path."""
+    *parents, key = dotted.split(".")
+    for parent in parents:
+        data = data.get(parent)
+        if not isinstance(data, dict):
+            return False
+    return key in data
 
 
 class FinetuneSearchConfig(FinetuneSettings):
@@ -146,23 +219,27 @@ def load_config(path: str | Path) -> FinetuneSearchConfig:
 
 
 def trial_configs(config: FinetuneSearchConfig, params: dict[str, Any], model: ViTConfig, num_classes: int) -> dict[str, Any]:
-    """The plain-dict configuration a trial trains with: the stage's, with the trial's parameters applied."""
+    """The plain-dict configuration a trial trains with: the stage's, with the trial's parameters applied.
+    The section holds no value these overwrite (see SEARCH_OWNED): each comes from the search alone."""
     sections = {
         "data": config.data.to_dict(),
-        "train": config.train.to_dict(),
-        "finetune": config.finetune.to_dict(),
+        "train": config.train.to_dict(),  # its optim is the section's (FinetuneSettings._consistent)
+        "finetune": {"mode": config.mode},
     }
-    sections["train"]["optim"] = config.finetune.optim.to_dict()
-    for name, value in params.items():
+    # search.lr's draw first: a choice of optim.lr (a grid of values, e.g. a divergence drill) replaces it.
+    for name, value in sorted(params.items(), key=lambda item: item[0] != "lr"):
         if name == "image_size":
             sections["data"]["image_size"] = value
             sections["finetune"]["image_size"] = value
         elif name == "lr":
             sections["train"]["optim"]["lr"] = value
+        elif name == "mode":
+            sections["finetune"]["mode"] = value
         else:
             section, _, key = name.partition(".")
             target = sections["train"]["optim"] if section == "optim" else sections[section]
             target[key] = value
+    sections["finetune"]["optim"] = sections["train"]["optim"]  # the recipe's record of what trained
     # Validate once more with the trial's values: a bad combination fails the trial with a clear message.
     DataConfig.from_dict(sections["data"])
     TrainConfig.from_dict(sections["train"])
@@ -193,7 +270,7 @@ def run_finetune(config: FinetuneSearchConfig, *, parent_run_id: str | None = No
         )
         tracking.log_params(tracking_uri, search_run_id, {
             "pretrained": config.pretrained, "dataset": config.dataset, "search": config.search.model_dump(),
-            "finetune": config.finetune.to_dict(), "train": config.train.to_dict(), "data": config.data.to_dict(),
+            **config.model_dump(include={"mode", "optim", "data", "train"}),
         })
         tracking.log_dataset(tracking_uri, search_run_id, config.dataset, name=Path(config.dataset).name,
                              digest=index.fingerprint, context="fine-tuning")
@@ -242,7 +319,7 @@ def _search(config: FinetuneSearchConfig, pretrained, index, tracking_uri: str, 
     shared = {
         "config": config.model_dump(mode="json"),
         "pretrained": {"state_dict": ray.put(pretrained.state_dict), "config": pretrained.config.to_dict(),
-                       "mode": config.finetune.mode, "uri": config.pretrained},
+                       "uri": config.pretrained},
         "num_classes": index.num_classes,
         "class_names": list(index.class_names),
         "tracking_uri": tracking_uri,
@@ -345,7 +422,7 @@ def run_trial(params: dict[str, Any], shared: dict[str, Any]) -> None:
         "class_names": shared["class_names"],
         "tracking_uri": uri,
         "run_id": run_id,
-        "pretrained": shared["pretrained"],
+        "pretrained": {**shared["pretrained"], "mode": sections["finetune"]["mode"]},  # a choice may set mode
         "report_validation_only": True,  # every Tune result carries val/top1 (ASHA's metric)
         "close_run_at_end": True,  # FINISHED before the last report, at which ASHA may stop the trial
         "run_storage": trial_storage,

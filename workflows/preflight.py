@@ -110,7 +110,8 @@ def check_ray(address: str, *, key: str, timeout_s: float = PROBE_TIMEOUT_S) -> 
 
 
 def check_models(spec: WorkflowSpec, tracking_uri: str) -> None:
-    """The model URIs the spec names (syntax was checked at load) must exist in the store."""
+    """The model URIs the spec names (syntax was checked at load) must exist in the store, and a registered
+    pre-trained model must take the search's resolutions (the spec checks a pre-train stage's own)."""
     references = [("finetune.pretrained", spec.finetune.pretrained if spec.finetune else None),
                   ("evaluate.model", spec.evaluate.model if spec.evaluate else None)]
     for key, uri in references:
@@ -122,3 +123,20 @@ def check_models(spec: WorkflowSpec, tracking_uri: str) -> None:
             raise PreflightError(f"{key}: {uri} does not exist: the tracking store {tracking_uri} has no models yet")
         if not tracking.model_exists(tracking_uri, uri):
             raise PreflightError(f"{key}: {uri} does not exist in the tracking store {tracking_uri}")
+    if spec.finetune is not None and spec.finetune.pretrained is not None:
+        check_resolutions(spec.finetune.search.image_size, spec.finetune.pretrained, tracking_uri)
+
+
+def check_resolutions(image_sizes: list[int], pretrained: str, tracking_uri: str) -> None:
+    """Every fine-tuning resolution must be a whole number of the pre-trained model's patches. Reads the
+    model's logged config (one small file), not its weights."""
+    from workflows import tracking
+
+    try:
+        patch = tracking.logged_model_config(tracking_uri, pretrained).patch_size
+    except ValueError as error:
+        raise PreflightError(f"finetune.pretrained: {error}") from None
+    bad = [size for size in image_sizes if size % patch]
+    if bad:
+        raise PreflightError(f"finetune.search.image_size: {bad} not divisible by the patch size {patch} of the "
+                             f"pre-trained model {pretrained}")

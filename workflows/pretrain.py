@@ -17,7 +17,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from vit import ViTConfig, gflops
+from vit import gflops
 from vit.checkpoint import model_from_checkpoint
 from vit.data import check_dataset, read_dataset_index
 from workflows import tags as tag

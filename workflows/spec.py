@@ -7,7 +7,8 @@
       cifar10: {source: ../../shared/datasets/cifar10}
       flowers17: {source: ../../shared/datasets/flowers17, config: {max_size: 64, val_fraction: 0.1}}
     pretrain: {dataset: cifar10, model: {...}, train: {...}}
-    finetune: {dataset: flowers17, train: {...}, search: {...}}  # `pretrained: models:/...` without pretrain
+    finetune: {dataset: flowers17, mode: full, optim: {...}, train: {...}, search: {...}}  # `pretrained: models:/...`
+                                                       # without pretrain; the search sets image_size and lr
     evaluate: {dataset: flowers17, split: test}
 
 Relative paths resolve against the spec file's folder. Errors name the file, the key path and the reason.

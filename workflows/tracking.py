@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from mlflow.entities import Metric
 from mlflow.models import infer_signature
+from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
 from mlflow.tracking import MlflowClient
 
 from vit import ViTConfig, VisionTransformer
@@ -671,6 +672,42 @@ def _logged_model_uri(tracking_uri: str, model_uri: str) -> str:
     if outputs and outputs.model_outputs:
         return f"models:/{outputs.model_outputs[-1].model_id}"
     return model_uri
+
+
+def logged_model_config(tracking_uri: str, model_uri: str) -> ViTConfig:
+    """A logged ViT's architecture alone, read from its ``vit_config.json`` (a few hundred bytes) without
+    downloading its weights: for checks before any work starts. Takes the URIs :func:`load_plain_model` takes."""
+    local = Path(model_uri)
+    if local.exists():
+        found = next((path for path in (local / "extra_files" / CONFIG_FILE, local / CONFIG_FILE) if path.is_file()), None)
+        text = found.read_text() if found else None
+    else:
+        store = missing_store(tracking_uri)
+        if store is not None:
+            raise ValueError(f"model {model_uri!r} cannot be resolved: there is no tracking store at {store}")
+        text = _logged_file(tracking_uri, _logged_model_uri(tracking_uri, model_uri), CONFIG_FILE)
+    if text is None:
+        raise ValueError(f"model {model_uri!r} is not a vitflow ViT: it holds no {CONFIG_FILE}")
+    try:
+        return ViTConfig.from_dict(json.loads(text))
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"model {model_uri!r}: {CONFIG_FILE} is not a ViT configuration: {error}") from None
+
+
+def _logged_file(tracking_uri: str, model_uri: str, name: str) -> str | None:
+    """One of the plain files a logged model holds (under extra_files/, as log_vit_model writes them, or at
+    its top), or None."""
+    with tempfile.TemporaryDirectory(prefix="vitflow-file-") as scratch, _using(tracking_uri):
+        for path in (f"extra_files/{name}", name):
+            try:
+                if model_uri.startswith("models:/"):  # a file inside models:/m-... has no URI of its own
+                    local = ModelsArtifactRepository(model_uri).download_artifacts(path, scratch)
+                else:
+                    local = mlflow.artifacts.download_artifacts(f"{model_uri.rstrip('/')}/{path}", dst_path=scratch)
+            except (mlflow.exceptions.MlflowException, OSError):
+                continue
+            return Path(local).read_text()
+    return None
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ work starts. Mutations start from the shipped specs and the workflow tests' mini
 from __future__ import annotations
 
 import copy
+import json
 import re
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from hypothesis import strategies as st
 
 from tests.conftest import REPO_ROOT
 from tests.workflows.test_runner import mini_spec
+from vit import ViTConfig
 from workflows.spec import SpecError, WorkflowSpec, _key_names, load_spec, parse_spec
 
 pytestmark = pytest.mark.slow
@@ -172,6 +174,21 @@ def test_a_section_another_one_needs_is_named():
     assert_names(rejection(spec), ("evaluate", "model"))
 
 
+def test_fine_tune_keys_the_search_sets_are_refused_at_their_path():
+    """The fine-tune section's old nesting, and values the search would overwrite, are named with where
+    their value belongs."""
+    quickstart = BASES["quickstart"]
+    cases = {
+        ("finetune", "finetune"): ({"mode": "full", "optim": {"optimizer": "sgd"}}, "write finetune.optim / finetune.mode"),
+        ("finetune", "train", "optim"): ({"lr": 0.5}, "the section's optim (finetune.optim in a workflow spec): move it there"),
+        ("finetune", "data", "image_size"): (64, "the search's search.image_size chooses the resolution"),
+        ("finetune", "image_size"): (64, "the search's search.image_size chooses the resolution"),
+        ("finetune", "optim", "lr"): (0.5, "the search's search.lr chooses the learning rate"),
+    }
+    for path, (value, says) in cases.items():
+        assert says in assert_names(rejection(with_value(quickstart, path, value)), path)
+
+
 # --- negative sizes ----------------------------------------------------------------------------------
 
 SIZES = {"batch_size", "image_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "total_steps", "log_every",
@@ -306,7 +323,7 @@ def test_yaml_tags_never_construct_python_objects(tmp_path):
 
 @pytest.fixture
 def registry(tmp_path):
-    """A real MLflow store holding vit-pretrained version 1 (alias `champion`) and one run."""
+    """A real MLflow store holding vit-pretrained version 1 (alias `champion`, patch size 4) and one run."""
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
@@ -314,6 +331,10 @@ def registry(tmp_path):
     client = MlflowClient(uri, registry_uri=uri)
     experiment = client.create_experiment("registry", artifact_location=(tmp_path / "store" / "artifacts").as_uri())
     run = client.create_run(experiment)
+    # Its config alone (as log_vit_model writes it): the preflight reads the patch size, never the weights.
+    config = tmp_path / "store" / "vit_config.json"
+    config.write_text(json.dumps(ViTConfig(image_size=32, patch_size=4, embed_dim=16, depth=1, num_heads=2).to_dict()))
+    client.log_artifact(run.info.run_id, str(config), "model/extra_files")
     client.create_registered_model("vit-pretrained")
     client.create_model_version("vit-pretrained", f"{run.info.artifact_uri}/model", run_id=run.info.run_id)
     client.set_registered_model_alias("vit-pretrained", "champion", "1")
@@ -378,6 +399,7 @@ def test_vitflow_validate_names_file_and_key_without_a_traceback(tmp_path, regis
     cases = {
         "pretrain.train.total_steps": with_value(quickstart, ("pretrain", "train", "total_steps"), "many"),
         "finetune.search.bogus": with_value(quickstart, ("finetune", "search", "bogus"), 1),
+        "finetune.finetune": with_value(quickstart, ("finetune", "finetune"), {"mode": "full"}),
         "preprocess.cifar10.source": copy.deepcopy(quickstart) | {"preprocess": {"cifar10": {"config": {}}}},
         "pretrain.data.batch_size": with_value(quickstart, ("pretrain", "data", "batch_size"), -8),
         "pretrain.model.image_size": with_value(quickstart, ("pretrain", "model", "image_size"), 30),
@@ -404,3 +426,21 @@ def test_vitflow_validate_names_file_and_key_without_a_traceback(tmp_path, regis
     result, _ = validate(path)
     assert result.returncode == 0, result.stderr
     print(f"vitflow validate (missing registered model): exit 2 in {elapsed:.1f} s")
+
+
+def test_vitflow_validate_checks_the_search_resolutions_against_a_registered_model(tmp_path, registry):
+    """A registered pre-trained model's patch size (4 here) must divide every fine-tuning resolution. The
+    store holds the model's config alone, no weights: the check reads nothing more."""
+    uri, _ = registry
+    spec = registered_spec(tmp_path, uri, "models:/vit-pretrained@champion")
+    spec["finetune"]["search"]["image_size"] = [32, 50]
+    path = tmp_path / "patch.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    result, elapsed = validate(path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert (f"error: {path}: finetune.search.image_size: [50] not divisible by the patch size 4 of the pre-trained "
+            "model models:/vit-pretrained@champion") in result.stderr, result.stderr
+    spec["finetune"]["search"]["image_size"] = [32, 52]
+    path.write_text(yaml.safe_dump(spec))
+    assert validate(path)[0].returncode == 0
+    print(f"vitflow validate (resolution vs registered patch size): exit 2 in {elapsed:.1f} s")

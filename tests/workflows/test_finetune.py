@@ -3,6 +3,8 @@ registered pre-trained model, on real Flowers-17 shards, tracked in a real MLflo
 
 from __future__ import annotations
 
+import dataclasses
+
 import pyarrow.parquet as pq
 import pytest
 from mlflow.tracking import MlflowClient
@@ -10,6 +12,7 @@ from mlflow.tracking import MlflowClient
 import mlflow
 from vit import VisionTransformer, decode_variant
 from vit.data import DataConfig, train_loader
+from vit.finetune import FinetuneConfig
 from vit.loop import TrainConfig, fit
 from workflows import tracking
 from workflows.finetune import FinetuneSearchConfig, _finished_trial_result, pareto_front, run_finetune, trial_configs
@@ -38,7 +41,7 @@ def search_config(store, shards, name: str, **changes) -> FinetuneSearchConfig:
         name=name,
         pretrained="models:/vit-pretrained@candidate",
         dataset=str(shards),
-        finetune={"optim": {"optimizer": "sgd", "lr": 0.01, "momentum": 0.9, "weight_decay": 0.0, "warmup_steps": 2}},
+        optim={"optimizer": "sgd", "momentum": 0.9, "weight_decay": 0.0, "warmup_steps": 2},
         data={"batch_size": 16, "num_workers": 0, "crop_scale": (0.5, 1.0), "crop_pct": 1.0, **CIFAR_NORM},
         train={"total_steps": 12, "log_every": 4, "eval_every": 4, "checkpoint_every": 4},
         search={"image_size": [32, 48], "lr": {"min": 1e-4, "max": 0.3}, "num_samples": 6, "max_concurrent_trials": 2,
@@ -108,6 +111,53 @@ def test_trial_parameters_reach_the_right_fields(tmp_path, flowers_shards):
     assert sections["data"]["image_size"] == 48 and sections["model"]["image_size"] == [48, 48]
     assert sections["train"]["optim"]["lr"] == 0.05 and sections["train"]["label_smoothing"] == 0.1
     assert sections["data"]["randaugment"] is True and sections["model"]["num_classes"] == 6
+
+
+def test_the_flat_recipe_reaches_every_trial(tmp_path, flowers_shards):
+    """mode and optim sit in the section itself; each trial trains with them, at its own lr and resolution,
+    and a dump of the section (the trials' copy, the stage's fingerprint) is a valid section again."""
+    config = search_config(tmp_path, flowers_shards, "x", mode="linear_probe",
+                           optim={"optimizer": "adamw", "weight_decay": 0.01, "warmup_steps": 3},
+                           search={"image_size": [32, 48], "lr": {"min": 0.001, "max": 0.1},
+                                   "choices": {"optim.momentum": [0.8], "mode": ["full"]}})
+    model = decode_variant("Ti/8", image_size=32, num_classes=10)
+    sections = trial_configs(config, {"image_size": 32, "lr": 0.02}, model, num_classes=6)
+    assert sections["train"]["optim"] == {**config.optim.to_dict(), "lr": 0.02}
+    assert sections["train"]["optim"]["optimizer"] == "adamw" and sections["train"]["optim"]["warmup_steps"] == 3
+    assert sections["finetune"]["mode"] == "linear_probe" and sections["finetune"]["image_size"] == 32
+    chosen = trial_configs(config, {"image_size": 48, "lr": 0.02, "optim.momentum": 0.8, "mode": "full"}, model, num_classes=6)
+    assert chosen["finetune"]["mode"] == "full" and chosen["train"]["optim"]["momentum"] == 0.8
+    assert config.train.optim == config.optim  # one optimiser, however the config is read
+    # Every recipe field a user sets has its key in the section (the resolution is the search's).
+    assert {field.name for field in dataclasses.fields(FinetuneConfig)} - {"image_size"} <= set(FinetuneSearchConfig.model_fields)
+    dumped = config.model_dump(mode="json")
+    assert "image_size" not in dumped["data"] and "optim" not in dumped["train"] and "lr" not in dumped["optim"]
+    assert FinetuneSearchConfig.model_validate(dumped).model_dump(mode="json") == dumped
+
+
+def test_keys_the_search_overwrites_are_refused_at_load_with_their_path(tmp_path, flowers_shards):
+    train = {"total_steps": 12, "log_every": 4, "eval_every": 4, "checkpoint_every": 4}
+    search = {"image_size": [32], "lr": {"min": 0.01, "max": 0.1}}
+    refused = {
+        "finetune: the recipe's keys now sit directly in the fine-tune section: write finetune.optim / finetune.mode":
+            {"finetune": {"mode": "full", "optim": {"optimizer": "sgd"}}},
+        "train.optim: the optimiser is given in one place, the section's optim (finetune.optim in a workflow spec): "
+        "move it there": {"train": {**train, "optim": {"lr": 0.5}}},
+        "data.image_size: the search's search.image_size chooses the resolution": {"data": {"image_size": 64}},
+        "image_size: the search's search.image_size chooses the resolution": {"image_size": 64},
+        "optim.lr: the search's search.lr chooses the learning rate": {"optim": {"lr": 0.5}},
+        "optim.warmup_steps 20 exceed total_steps 12": {"optim": {"warmup_steps": 20}},
+        "optim.layer_decay has no effect in linear_probe mode": {"mode": "linear_probe", "optim": {"layer_decay": 0.7}},
+        "data.image_size: not a choice: the search's search.image_size chooses": {"search": {**search, "choices": {"data.image_size": [64]}}},
+        "train.optim: not a choice": {"search": {**search, "choices": {"train.optim": [{"lr": 0.1}]}}},
+        "train.total_steps: not a choice": {"search": {**search, "choices": {"train.total_steps": [6]}}},
+        "train.bogus: TrainConfig has no field 'bogus'": {"search": {**search, "choices": {"train.bogus": [1]}}},
+        "finetune.mode: choices name fields as data.X, train.X, optim.X or mode": {"search": {**search, "choices": {"finetune.mode": ["full"]}}},
+    }
+    for message, changes in refused.items():
+        with pytest.raises(ValueError) as error:
+            search_config(tmp_path, flowers_shards, "x", **{"train": train, "search": search, **changes})
+        assert message in str(error.value), (message, str(error.value))
 
 
 def test_search_configuration_errors(tmp_path, flowers_shards):
