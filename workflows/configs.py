@@ -89,6 +89,22 @@ class PretrainSettings(BaseModel):
     register_as: str | None = "vit-pretrained"
     fail_at_step: int | None = Field(None, ge=1, description="fault drill: rank 0 raises once at this step")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _one_resolution(cls, data: Any) -> Any:
+        """The model's image_size is the resolution the loader crops to: a different data.image_size would be
+        replaced by it, so it is refused by name (the same value, as a dump of this section holds, is fine)."""
+        if not (isinstance(data, dict) and isinstance(data.get("data"), dict) and "image_size" in data["data"]):
+            return data
+        try:
+            size = ModelSpec.model_validate(data.get("model", {})).build(num_classes=1).image_size
+        except (ValueError, TypeError):
+            return data  # the model section's own error is reported by its validation
+        if data["data"]["image_size"] != size[0]:
+            raise ValueError(f"data.image_size: {data['data']['image_size']!r} is not the model's resolution "
+                             f"{size[0]}: model.image_size sets it (remove data.image_size)")
+        return data
+
     @model_validator(mode="after")
     def _consistent(self):
         size = self.model.build(num_classes=1).image_size

@@ -111,6 +111,10 @@ def test_configuration_errors_name_the_key(tmp_path, cifar_shards):
         config(tmp_path, cifar_shards, "x", model={"variant": "Ti/8", "image_size": 36})
     with pytest.raises(ValidationError, match="unknown model option"):
         config(tmp_path, cifar_shards, "x", model={"variant": "Ti/8", "image_size": 32, "hidden": 3})
+    # data.image_size would be replaced by the model's resolution: refused by name (the same value is fine)
+    with pytest.raises(ValidationError, match=r"data\.image_size: 48 is not the model's resolution 32"):
+        config(tmp_path, cifar_shards, "x", data={"batch_size": 8, "image_size": 48})
+    assert config(tmp_path, cifar_shards, "x", data={"batch_size": 8, "image_size": 32}).data.image_size == 32
     with pytest.raises(ValidationError, match="resources.gpus"):
         config(tmp_path, cifar_shards, "x", resources={"gpus": 2})
     with pytest.raises(ValidationError, match="name"):
