@@ -183,14 +183,13 @@ def run(
     failure = None
     with console:
         try:
-            results = runner.run(spec_text=spec.read_text())
+            console.summary(runner.run(spec_text=spec.read_text()), f"vitflow ui {spec}")
         except (FileNotFoundError, ValueError, DriverBusyError) as error:
             failure = (f"{spec}: {error}", 1)
         except TrackingUnavailable as error:
             failure = (str(error), 3)
     if failure:
         fail(*failure)
-    console.summary(results, f"vitflow ui {spec}")
 
 
 @app.command()

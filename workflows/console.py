@@ -161,7 +161,8 @@ class SearchProgress(tune.Callback):
 
     def summary(self, trials) -> str:
         counts = {how: sum(1 for h in self.ended.values() if h == how) for how in ("done", "stopped", "failed")}
-        running = sum(1 for t in trials if t.status == "RUNNING")
+        # Tune calls back before it marks the ending trial TERMINATED or ERROR
+        running = sum(1 for t in trials if t.status == "RUNNING" and t.trial_id not in self.ended)
         line = (f"trials: {counts['done']} done, {counts['stopped']} stopped, {counts['failed']} failed, "
                 f"{running} running")
         if self.best is not None:
@@ -230,9 +231,9 @@ class WorkflowConsole:
             took = duration(now - self.started.get(stage, now))
             if self.training == stage:
                 self.training = None
+            where = f" (Ray's and Tune's log: {self.log_path})" if self._capture is not None else ""
             self.say(f"done in {took}: {link}" if status == "finished" else
-                     f"FAILED after {took}" + (f": {link}" if link else "") + f" (Ray's and Tune's log: {self.log_path})",
-                     stage)
+                     f"FAILED after {took}" + (f": {link}" if link else "") + where, stage)
         else:
             self.say(f"{status}: {link}", stage)
 
@@ -256,5 +257,5 @@ class WorkflowConsole:
         for name, result in results.items():
             shown = result.model_uri or result.dataset_uri or ""
             metrics = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items() if "top1" in k)
-            self.say(f"{'reused' if result.reused else 'ran'} {shown} {metrics}".rstrip(), name)
+            self.say(" ".join(part for part in ("reused" if result.reused else "ran", shown, metrics) if part), name)
         self.say(f"browse the runs and models: {ui_command}   (then open http://127.0.0.1:5000)")

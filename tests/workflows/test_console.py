@@ -53,3 +53,19 @@ def test_run_shows_one_clean_view_and_keeps_ray_output_in_a_log_file(tmp_path, c
     assert verbose.returncode == 0, shown
     assert re.search(r"\(\w+ pid=\d+\).*step 5/10", shown), shown
     assert "preprocess:cifar: reused" in shown  # as tests/faults/test_driver_kill.py expects
+
+
+def test_a_failing_stage_shows_its_error_and_the_log_file(tmp_path, cifar_source):
+    data = mini_spec(cifar_source, cifar_source)
+    data = {**{k: data[k] for k in ("name", "workdir", "tracking")}, "ray": {"num_cpus": 2},
+            "preprocess": {"cifar": data["preprocess"]["cifar"]},
+            "pretrain": {**data["pretrain"], "max_failures": 0, "fail_at_step": 5}}
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(data))
+    result = vitflow("run", str(spec), cwd=tmp_path, timeout_s=900)
+    shown = result.stdout + result.stderr
+    assert result.returncode != 0, shown
+    assert re.search(r"pretrain: FAILED after .*Ray's and Tune's log: \S+\.log", result.stdout), shown
+    assert "fault drill: rank 0 fails at step 5" in shown  # the worker's error itself, not only "see the log"
+    log = Path(re.search(r"Ray's and Tune's log: (\S+\.log)", result.stdout).group(1))
+    assert log.is_file() and "fault drill" in log.read_text()
