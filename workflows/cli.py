@@ -148,18 +148,25 @@ def validate(
     typer.echo(f"{spec}: valid workflow {loaded.name!r} with stages {', '.join(stages)}")
 
 
+VERBOSE = typer.Option(False, "--verbose", "-v", help="show Ray's and Tune's own output here (else it goes to a log "
+                       "file under the working directory, whose path is printed)")
+
+
 @app.command()
 def run(
     spec: Path = typer.Argument(..., help="a workflow spec (YAML), e.g. workflows/quickstart.yaml"),
     force: list[str] = typer.Option([], "--force", help="rerun this stage even when cached (repeatable)"),
     from_stage: str | None = typer.Option(None, "--from", help="rerun this stage and every stage after it"),
+    verbose: bool = VERBOSE,
 ) -> None:
     """Run a workflow: shard, pre-train, fine-tune and evaluate, on Ray, tracked in MLflow.
 
     Finished stages whose configuration, inputs and code are unchanged are reused; a killed workflow
     run again continues where it stopped."""
+    from workflows.console import WorkflowConsole
+    from workflows.finetune import MODES
     from workflows.local_ray import DriverBusyError
-    from workflows.runner import LiveView, WorkflowRunner
+    from workflows.runner import WorkflowRunner
     from workflows.spec import SpecError, load_spec
     from workflows.tracking import TrackingUnavailable
 
@@ -168,37 +175,48 @@ def run(
         runner = WorkflowRunner(loaded, force=set(force), from_stage=from_stage)
     except (SpecError, ValueError) as error:
         fail(str(error))
-    with LiveView(runner) as view:
-        runner.on_event = view.event
+    console = WorkflowConsole(loaded.workdir, name=loaded.name, verbose=verbose)
+    runner.on_event = console.event
+    if loaded.finetune is not None:
+        metric = loaded.finetune.search.metric
+        runner.search_callbacks = [console.search_progress(metric, MODES[metric], loaded.finetune.train.total_steps)]
+    failure = None
+    with console:
         try:
-            results = runner.run(spec_text=spec.read_text())
+            console.summary(runner.run(spec_text=spec.read_text()), f"vitflow ui {spec}")
         except (FileNotFoundError, ValueError, DriverBusyError) as error:
-            fail(f"{spec}: {error}", code=1)
+            failure = (f"{spec}: {error}", 1)
         except TrackingUnavailable as error:
-            fail(str(error), code=3)
-    for name, result in results.items():
-        shown = result.model_uri or result.dataset_uri or ""
-        metrics = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items() if "top1" in k)
-        typer.echo(f"{name:22s} {'reused' if result.reused else 'ran':7s} {shown} {metrics}")
-    typer.echo(f"browse the runs and models: vitflow ui {spec}   (then open http://127.0.0.1:5000)")
+            failure = (str(error), 3)
+    if failure:
+        fail(*failure)
 
 
 @app.command()
 def finetune(
     config: Path = typer.Argument(..., help="a YAML file with the fine-tuning search configuration"),
     parent_run_id: str | None = typer.Option(None, help="nest the search's MLflow run under this run"),
+    verbose: bool = VERBOSE,
 ) -> None:
     """Fine-tune a pre-trained ViT with a Ray Tune search over resolution and learning rate; register the
     best trial as vit-finetuned (alias champion when it beats the current one on the same test split)."""
-    from workflows.finetune import load_config, run_finetune
+    from workflows.console import WorkflowConsole
+    from workflows.finetune import MODES, load_config, run_finetune
     from workflows.local_ray import DriverBusyError
 
     settings = _load_stage_config(config, load_config)
     _preflight(config, "dataset", settings.dataset, "tracking.uri", settings.tracking.uri)
-    try:
-        result = run_finetune(settings, parent_run_id=parent_run_id)
-    except (FileNotFoundError, ValueError, DriverBusyError) as error:
-        fail(f"{config}: {error}")
+    console = WorkflowConsole(settings.storage_path, name=settings.name, verbose=verbose)
+    metric = settings.search.metric
+    search_progress = console.search_progress(metric, MODES[metric], settings.train.total_steps)
+    failure = None
+    with console:
+        try:
+            result = run_finetune(settings, parent_run_id=parent_run_id, callbacks=[search_progress])
+        except (FileNotFoundError, ValueError, DriverBusyError) as error:
+            failure = f"{config}: {error}"
+    if failure:
+        fail(failure)
     typer.echo(f"best trial run: {result.best_run_id}; test top-1 {result.test_top1:.4f}")
     if result.version:
         typer.echo(f"registered: models:/{result.registered_name}/{result.version}" + (" (champion)" if result.champion else ""))
@@ -239,11 +257,13 @@ def evaluate(
 def pretrain(
     config: Path = typer.Argument(..., help="a YAML file with the pre-training configuration"),
     parent_run_id: str | None = typer.Option(None, help="nest the MLflow run under this run"),
+    verbose: bool = VERBOSE,
 ) -> None:
     """Pre-train a ViT on Ray Train from shards; log to MLflow and register it as vit-pretrained.
 
     Running again with the same `name` resumes an interrupted run from its last checkpoint."""
     from vit.data import check_dataset, read_dataset_index
+    from workflows.console import WorkflowConsole
     from workflows.local_ray import DriverBusyError, embedded_ray
     from workflows.pretrain import load_config, run_pretrain
 
@@ -253,10 +273,19 @@ def pretrain(
         # A dataset that cannot train a classifier is named before Ray starts (the stage checks it too).
         check_dataset(read_dataset_index(settings.dataset), train_split=settings.train_split,
                       eval_splits=[settings.val_split])
-        with embedded_ray(settings.storage_path):
-            result = run_pretrain(settings, parent_run_id=parent_run_id)
-    except (FileNotFoundError, ValueError, DriverBusyError) as error:
+    except (FileNotFoundError, ValueError) as error:
         fail(f"{config}: {error}")
+    console = WorkflowConsole(settings.storage_path, name=settings.name, verbose=verbose)
+    console.training = "pretrain"  # its workers' progress lines are shown
+    failure = None
+    with console:
+        try:
+            with embedded_ray(settings.storage_path):
+                result = run_pretrain(settings, parent_run_id=parent_run_id)
+        except (FileNotFoundError, ValueError, DriverBusyError) as error:
+            failure = f"{config}: {error}"
+    if failure:
+        fail(failure)
     if result.offline:
         fail(f"pre-training finished, but MLflow was unreachable: the model is in {result.offline}; "
              f"upload it with `vitflow upload {result.offline}`", code=3)
@@ -299,6 +328,8 @@ def submit(
     command: str = typer.Option("run", "--command", help="the vitflow command the job runs: run (a workflow spec) or pretrain"),
     wait: bool = typer.Option(False, "--wait", help="follow the job's logs; exit with its outcome"),
     ship_project: bool = typer.Option(True, help="ship this checkout's code with the job (else the cluster's installed vitflow runs)"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="the job shows Ray's and Tune's own output in its "
+                                 "logs (else it keeps them in a log file on the cluster)"),
 ) -> None:
     """Submit `vitflow COMMAND SPEC` to a Ray cluster through the Jobs API; print the job id."""
     from workflows import jobs
@@ -313,7 +344,7 @@ def submit(
         _check_pretrain_config(spec)
     try:
         client = jobs.connect(address)
-        job_id = jobs.submit(client, spec, entry, ship_project=ship_project)
+        job_id = jobs.submit(client, spec, entry, ship_project=ship_project, verbose=verbose)
     except jobs.ClusterError as error:
         fail(str(error), code=1)
     typer.echo(job_id)

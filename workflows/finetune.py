@@ -20,6 +20,7 @@ import logging
 import math
 import statistics
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -249,7 +250,8 @@ def trial_configs(config: FinetuneSearchConfig, params: dict[str, Any], model: V
     return sections
 
 
-def run_finetune(config: FinetuneSearchConfig, *, parent_run_id: str | None = None) -> FinetuneResult:
+def run_finetune(config: FinetuneSearchConfig, *, parent_run_id: str | None = None,
+                 callbacks: Sequence[Any] = ()) -> FinetuneResult:
     from workflows import tracking
     from workflows.local_ray import embedded_ray
 
@@ -280,7 +282,7 @@ def run_finetune(config: FinetuneSearchConfig, *, parent_run_id: str | None = No
     # This search's own Ray unless one is running (a workflow's, a cluster's): see workflows.local_ray.
     with embedded_ray(config.storage_path, resources={TRIAL_DRIVER_RESOURCE: config.search.max_concurrent_trials}):
         try:
-            grid = _search(config, pretrained, index, tracking_uri, search_run_id)
+            grid = _search(config, pretrained, index, tracking_uri, search_run_id, callbacks)
             result = _conclude(config, grid, pretrained, index, tracking_uri, search_run_id)
         except Exception:
             tracking.end_run(tracking_uri, search_run_id, status="FAILED")
@@ -289,7 +291,8 @@ def run_finetune(config: FinetuneSearchConfig, *, parent_run_id: str | None = No
     return result
 
 
-def _search(config: FinetuneSearchConfig, pretrained, index, tracking_uri: str, search_run_id: str):
+def _search(config: FinetuneSearchConfig, pretrained, index, tracking_uri: str, search_run_id: str,
+            callbacks: Sequence[Any] = ()):
     import ray
     from ray import tune
     from ray.tune import FailureConfig, RunConfig, TuneConfig, Tuner
@@ -345,7 +348,8 @@ def _search(config: FinetuneSearchConfig, pretrained, index, tracking_uri: str, 
                                    # in-process trials: the next trial reuses a finished one's process
                                    reuse_actors=in_process_trials(config.resources)),
             run_config=RunConfig(name=config.name, storage_path=storage,
-                                 failure_config=FailureConfig(max_failures=config.search.max_failures)),
+                                 failure_config=FailureConfig(max_failures=config.search.max_failures),
+                                 callbacks=list(callbacks)),
         )
     return tuner.fit()
 

@@ -119,11 +119,12 @@ def submit(
     command: EntryCommand = EntryCommand.run,
     *,
     ship_project: bool = True,
+    verbose: bool = False,
 ) -> str:
-    """Submit ``vitflow <command> <spec>`` with the project and spec as the job's working_dir; return the job id."""
+    """Submit ``vitflow <command> <spec> [--verbose]`` with the project and spec as the job's working_dir; return the job id."""
     with tempfile.TemporaryDirectory(prefix="vitflow-submit-") as staging:
         relative_spec = ship(spec, Path(staging), PROJECT_ROOT if ship_project else None)
-        entrypoint = f"vitflow {command.value} {shlex.quote(relative_spec)}"
+        entrypoint = f"vitflow {command.value} {shlex.quote(relative_spec)}" + (" --verbose" if verbose else "")
         # Ray uploads the folder before submit_job returns, so the staging copy can go afterwards.
         return client.submit_job(
             entrypoint=entrypoint,

@@ -20,8 +20,6 @@ import json
 import logging
 import os
 import subprocess
-import threading
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -104,6 +102,7 @@ class WorkflowRunner:
             start = next(i for i, s in enumerate(self.stages) if s == from_stage or s.startswith(f"{from_stage}:"))
             self.force |= set(self.stages[start:])
         self.on_event = on_event or (lambda stage, status, detail: None)
+        self.search_callbacks: list[Any] = []  # Tune callbacks for the search (e.g. a console's view of it)
         # On a cluster (cluster.yaml) the environment names the shared tracking server and storage.
         self.tracking_uri = (spec.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
                              or f"sqlite:///{self.workdir / 'mlflow.db'}")
@@ -345,7 +344,7 @@ class WorkflowRunner:
 
         config = FinetuneSearchConfig.model_validate({**fields, **common, "name": name, "dataset": dataset.dataset_uri,
                                                       "pretrained": inputs[1], "storage_path": self.storage_path})
-        result = run_finetune(config, parent_run_id=self.parent)
+        result = run_finetune(config, parent_run_id=self.parent, callbacks=self.search_callbacks)
         model_uri = f"models:/{result.registered_name}/{result.version}" if result.version else result.model_uri
         return StageResult(stage="finetune", run_id=result.search_run_id, fingerprint=stage_fp, model_uri=model_uri,
                            dataset_fingerprint=dataset.dataset_fingerprint, metrics={"test/top1": result.test_top1})
@@ -373,78 +372,3 @@ def preprocess_task(source: str, out: str, config: dict, workers: int | None) ->
 
 def _numbers(metrics: dict) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-
-
-class LiveView:
-    """The terminal view of a running workflow: each stage's state, what it is doing, and its MLflow link."""
-
-    def __init__(self, runner: WorkflowRunner, console=None):
-        from rich.console import Console
-
-        self.runner = runner
-        self.console = console or Console()
-        self.rows: dict[str, list[str]] = {stage: ["waiting", "", ""] for stage in runner.stages}
-        self.started: dict[str, float] = {}
-        self.live = None
-        self.stop = threading.Event()
-
-    def event(self, stage: str, status: str, link: str) -> None:
-        if stage == "workflow":
-            self.console.print(f"[bold]workflow {self.runner.spec.name}[/bold] {status}: {link}")
-            return
-        row = self.rows.setdefault(stage, ["", "", ""])
-        row[0], row[2] = status, link or row[2]
-        if status == "running":
-            self.started[stage] = time.monotonic()
-        if status == "reused":
-            row[1] = "cached: same fingerprint, output verified"
-            self.console.print(f"{stage}: reused (unchanged configuration, inputs and code) {link}")
-        elif status in ("finished", "failed"):
-            elapsed = time.monotonic() - self.started.get(stage, time.monotonic())
-            row[1] = f"{elapsed:.0f} s"
-        self.refresh()
-
-    def table(self):
-        from rich.table import Table
-
-        table = Table(title=f"workflow {self.runner.spec.name}", expand=False)
-        for column in ("stage", "status", "progress", "MLflow run"):
-            table.add_column(column)
-        for stage, (status, detail, link) in self.rows.items():
-            if status == "running" and stage in self.started:
-                detail = f"{time.monotonic() - self.started[stage]:.0f} s" + (f", {detail}" if detail else "")
-            table.add_row(stage, status, detail, link)
-        return table
-
-    def refresh(self) -> None:
-        if self.live is not None:
-            self.live.update(self.table())
-
-    def poll_progress(self) -> None:
-        """While a training stage runs, show its latest step from MLflow."""
-        from workflows import tracking
-
-        while not self.stop.wait(3.0):
-            for stage in ("pretrain", "finetune"):
-                if self.rows.get(stage, [""])[0] == "running":
-                    try:
-                        step = tracking.latest_step(self.runner.tracking_uri, self.runner.spec.tracking.experiment,
-                                                    stage, self.runner.parent)
-                    except Exception:  # the view is best effort: a tracking outage must not end it
-                        step = "(MLflow unreachable)" if not tracking.reachable(self.runner.tracking_uri) else ""
-                    if step:
-                        self.rows[stage][1] = step
-            self.refresh()
-
-    def __enter__(self) -> LiveView:
-        from rich.live import Live
-
-        self.live = Live(self.table(), console=self.console, refresh_per_second=1, transient=False)
-        self.live.__enter__()
-        threading.Thread(target=self.poll_progress, daemon=True).start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        self.live.update(self.table())
-        self.live.__exit__(*exc)
