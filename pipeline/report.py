@@ -1,5 +1,5 @@
 """What a sharding run shows on the terminal while it runs: a live progress bar (the summary table at the
-end is the CLI's: ``workflows/shard_cli.py``)."""
+end is the CLI's: ``workflows/cli/shard.py``)."""
 
 from __future__ import annotations
 

@@ -7,9 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
-from tests.conftest import DATASETS
 
 
 def vitflow(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -20,7 +18,7 @@ def vitflow(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 def test_help_lists_the_commands():
     result = vitflow("--help")
     assert result.returncode == 0, result.stderr
-    for command in ("model", "demo"):
+    for command in ("model", "shard", "run", "validate", "pretrain", "finetune", "evaluate", "submit", "ui"):
         assert command in result.stdout
 
 
@@ -37,13 +35,5 @@ def test_user_mistakes_end_without_a_traceback():
     assert "unknown model size 'Q'" in result.stderr and "Traceback" not in result.stderr
     result = vitflow("model", "describe", "B/16", "--image-size", "200")
     assert result.returncode == 2 and "not divisible by patch_size 16" in result.stderr
-    result = vitflow("demo", "--data", "/nonexistent/cifar.parquet")
-    assert result.returncode == 2 and "/nonexistent/cifar.parquet: no such file" in result.stderr
-
-
-@pytest.mark.slow
-def test_demo_learns_on_real_cifar10():
-    parquet = DATASETS / "cifar10" / "test-00000-of-00001.parquet"
-    result = vitflow("demo", "--data", str(parquet), "--steps", "40", "--depth", "2")
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "held-out top-1" in result.stdout
+    result = vitflow("run", "/nonexistent/spec.yaml")
+    assert result.returncode == 2 and "/nonexistent/spec.yaml" in result.stderr and "Traceback" not in result.stderr

@@ -39,3 +39,94 @@ def test_imports_point_one_way(package, forbidden):
 def test_the_model_imports_only_torch():
     roots = imported_roots("vit")["vit/model.py"]
     assert roots <= {"__future__", "math", "torch", "vit"}, roots
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the modules of ours it imports, anywhere in the file (function level and TYPE_CHECKING
+    blocks included: an import inside a function is still a dependency, only a later one)."""
+    modules = {}
+    for package in ("pipeline", "vit", "workflows"):
+        for path in (REPO / package).rglob("*.py"):
+            parts = list(path.relative_to(REPO).with_suffix("").parts)
+            modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        edges = set()
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:  # relative: resolved against this module's package
+                    parts = package.split(".")
+                    base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
+                # `from pkg import mod` depends on pkg.mod; `from pkg import name` on pkg itself
+                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
+            else:
+                continue
+            for target in targets:
+                while target and target not in modules:  # `import vit.data.x` -> the module that exists
+                    target = target.rpartition(".")[0]
+                if target and target != name:
+                    edges.add(target)
+        graph[name] = edges
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan's algorithm)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for other in sorted(graph[node]):
+            if other not in index:
+                visit(other)
+                low[node] = min(low[node], low[other])
+            elif other in stack:
+                low[node] = min(low[node], index[other])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_no_import_cycles():
+    assert cycles(import_graph()) == []
+
+
+def test_the_cycle_check_finds_a_cycle():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert cycles(graph) == [["a", "b", "c"]]
+    assert "workflows.tracking" in import_graph()["workflows.runner"]  # function-level imports are edges
+
+
+# The modules that own a framework: MLflow is spoken through tracking (and preflight's reachability check);
+# Ray by the compute modules, the two training stages and the live view's Tune callback. A new importer
+# is a design decision: add it here on purpose, or call one of these.
+OWNERS = {
+    "mlflow": {"workflows/tracking.py", "workflows/preflight.py"},
+    "ray": {"workflows/local_ray.py", "workflows/jobs.py", "workflows/training.py", "workflows/pretrain.py",
+            "workflows/finetune.py", "workflows/runner.py", "workflows/cli/live.py"},
+}
+
+
+@pytest.mark.parametrize("framework", sorted(OWNERS))
+def test_frameworks_are_imported_only_by_their_owners(framework):
+    importers = {path for path, roots in imported_roots("workflows").items() if framework in roots}
+    assert importers <= OWNERS[framework], f"{framework} imported outside its owners: {sorted(importers - OWNERS[framework])}"

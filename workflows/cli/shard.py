@@ -15,6 +15,8 @@ import click
 import typer
 from typer.core import TyperGroup
 
+from workflows.cli.errors import fail
+
 if TYPE_CHECKING:  # the CLI starts light: the pipeline (and what it imports) loads once inputs check out
     from rich.table import Table
 
@@ -119,7 +121,6 @@ def write(
 
     from pipeline.config import ShardConfig
     from pipeline.sources import SourceError, open_source
-    from workflows.cli import fail
 
     if source_kind not in ("auto", "folder", "parquet", "manifest"):
         fail(f"--source-kind {source_kind!r}: expected auto, folder, parquet or manifest")
@@ -165,7 +166,6 @@ def write(
 def verify(out: Path = typer.Argument(..., help="a folder written by `vitflow shard`")) -> None:
     """Recompute every shard's sha256 and sample count; exit 1 listing damaged shards."""
     from pipeline.verify import verify_shards
-    from workflows.cli import fail
 
     try:
         report = verify_shards(out)

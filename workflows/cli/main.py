@@ -11,6 +11,8 @@ from typing import NoReturn
 
 import typer
 
+from workflows.cli.errors import fail
+
 app = typer.Typer(
     name="vitflow",
     help="Pre-train and fine-tune Vision Transformers as workflow stages on Ray, tracked in MLflow.",
@@ -23,18 +25,9 @@ model_app = typer.Typer(help="Inspect the ViT model family.", no_args_is_help=Tr
 app.add_typer(model_app, name="model")
 
 # --- shard commands (pipeline) ---
-from workflows.shard_cli import shard_app  # noqa: E402  (light: typer and click only)
+from workflows.cli.shard import shard_app  # noqa: E402  (light: typer and click only)
 
 app.add_typer(shard_app, name="shard")
-
-
-REPO_DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
-
-
-def fail(message: str, code: int = 2) -> NoReturn:
-    """End the command with a clear message (no traceback) and a non-zero exit code."""
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code)
 
 
 @model_app.command("describe")
@@ -61,23 +54,6 @@ def model_describe(
         f"depth {config.depth}, num_heads {config.num_heads}, mlp_dim {config.mlp_dim}, "
         f"{config.num_patches} patches + [class], {params / 1e6:.1f} M parameters, {gflops(config):.2f} GFLOPs/image"
     )
-
-
-@app.command()
-def demo(
-    data: Path = typer.Option(REPO_DATASETS / "cifar10" / "test-00000-of-00001.parquet", help="a CIFAR-10 Parquet file"),
-    steps: int = typer.Option(60, min=1, help="training steps"),
-    batch_size: int = typer.Option(64, min=1),
-    depth: int = typer.Option(4, min=1, help="encoder blocks of the Ti/4 model"),
-) -> None:
-    """Smoke demo: train a small ViT on real CIFAR-10 images for a few steps; loss falls, accuracy rises."""
-    if not data.is_file():
-        fail(f"--data {data}: no such file (expected CIFAR-10 in the Hugging Face Parquet layout)")
-    from workflows.demo import run_demo
-
-    result = run_demo(data, steps=steps, batch_size=batch_size, depth=depth)
-    if not result.last_loss < result.first_loss:
-        fail(f"the model did not learn: loss {result.first_loss:.3f} -> {result.last_loss:.3f}", code=1)
 
 
 def _load_stage_config(path: Path, loader):
@@ -163,7 +139,7 @@ def run(
 
     Finished stages whose configuration, inputs and code are unchanged are reused; a killed workflow
     run again continues where it stopped."""
-    from workflows.console import WorkflowConsole
+    from workflows.cli.live import WorkflowConsole
     from workflows.finetune import MODES
     from workflows.local_ray import DriverBusyError
     from workflows.runner import WorkflowRunner
@@ -200,7 +176,7 @@ def finetune(
 ) -> None:
     """Fine-tune a pre-trained ViT with a Ray Tune search over resolution and learning rate; register the
     best trial as vit-finetuned (alias champion when it beats the current one on the same test split)."""
-    from workflows.console import WorkflowConsole
+    from workflows.cli.live import WorkflowConsole
     from workflows.finetune import MODES, load_config, run_finetune
     from workflows.local_ray import DriverBusyError
 
@@ -263,7 +239,7 @@ def pretrain(
 
     Running again with the same `name` resumes an interrupted run from its last checkpoint."""
     from vit.data import check_dataset, read_dataset_index
-    from workflows.console import WorkflowConsole
+    from workflows.cli.live import WorkflowConsole
     from workflows.local_ray import DriverBusyError, embedded_ray
     from workflows.pretrain import load_config, run_pretrain
 
