@@ -85,6 +85,7 @@ class FinishedWorkflow:
     planted: dict[str, str]  # secret variable -> the canary value it held
     username: str  # MLFLOW_TRACKING_USERNAME: recorded, as MLflow means it to be, as the runs' user
     stdout: str
+    stderr: str
     elapsed_s: float
 
     @property
@@ -96,8 +97,8 @@ class FinishedWorkflow:
 def mini_workflow(tmp_path_factory, cifar_source, flowers_source) -> FinishedWorkflow:
     """The mini workflow (shard two corpora, pre-train on Ray Train, a two-trial search, evaluate) run once
     by `vitflow run`, with canary secrets in its environment. Tests that only read a finished workflow
-    share it (the MLflow UI test renders it, the security test scans it for the canaries): it is the
-    suite's most expensive setup. Read it, never write to it."""
+    share it (the console test reads what it printed, the MLflow UI test renders it, the security test
+    scans it for the canaries): it is the suite's most expensive setup. Read it, never write to it."""
     import yaml
 
     from tests.workflows.test_runner import mini_spec
@@ -114,4 +115,4 @@ def mini_workflow(tmp_path_factory, cifar_source, flowers_source) -> FinishedWor
                             text=True, timeout=1200, env={**os.environ, **planted, "MLFLOW_TRACKING_USERNAME": username})
     assert result.returncode == 0, f"{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
     return FinishedWorkflow(spec=path, workdir=root / "work", planted=planted, username=username,
-                            stdout=result.stdout, elapsed_s=time.monotonic() - start)
+                            stdout=result.stdout, stderr=result.stderr, elapsed_s=time.monotonic() - start)

@@ -19,14 +19,8 @@ RAY_NOISE = ("Trial status", "│", "╭", "Trial name", "started with configura
              "PreemptionWatcher", "pid=", "Started monitoring system metrics", "INFO mlflow")
 
 
-def test_run_shows_one_clean_view_and_keeps_ray_output_in_a_log_file(tmp_path, cifar_source, flowers_source):
-    spec = tmp_path / "spec.yaml"
-    data = {**mini_spec(cifar_source, flowers_source), "ray": {"num_cpus": 2}}
-    spec.write_text(yaml.safe_dump(data))
-
-    result = vitflow("run", str(spec), cwd=tmp_path, timeout_s=900)
-    shown = result.stdout + result.stderr
-    assert result.returncode == 0, shown
+def test_run_shows_one_clean_view_and_keeps_ray_output_in_a_log_file(mini_workflow):
+    shown = mini_workflow.stdout + mini_workflow.stderr  # `vitflow run` of the mini workflow, as a user sees it
     for noise in RAY_NOISE:
         assert noise not in shown, (noise, shown)
     for stage in ("preprocess:cifar", "preprocess:flowers", "pretrain", "finetune", "evaluate"):
@@ -40,19 +34,23 @@ def test_run_shows_one_clean_view_and_keeps_ray_output_in_a_log_file(tmp_path, c
     assert "models:/vit-finetuned/1" in shown and "browse the runs and models: vitflow ui" in shown
 
     log = Path(re.search(r"Ray's and Tune's log: (\S+)", shown).group(1))
-    assert log.parent == tmp_path / "work" / "logs" and log.is_file()
+    assert log.parent == mini_workflow.workdir / "logs" and log.is_file()
     written = log.read_text()
     assert "pid=" in written and "step 5/10" in written  # the workers' output Ray forwarded
     assert "Trial status" in written or "Trial name" in written  # Tune's own reporting
 
-    # --verbose: Ray's own output on the terminal again (a pre-training rerun: the worker lines Ray forwards).
-    del data["finetune"], data["evaluate"]
+
+def test_verbose_shows_rays_own_output(tmp_path, cifar_source):
+    data = mini_spec(cifar_source, cifar_source)
+    data = {**{k: data[k] for k in ("name", "workdir", "tracking")}, "ray": {"num_cpus": 2},
+            "preprocess": {"cifar": data["preprocess"]["cifar"]}, "pretrain": data["pretrain"]}
+    spec = tmp_path / "spec.yaml"
     spec.write_text(yaml.safe_dump(data))
-    verbose = vitflow("run", str(spec), "--force", "pretrain", "--verbose", cwd=tmp_path, timeout_s=900)
+    verbose = vitflow("run", str(spec), "--verbose", cwd=tmp_path, timeout_s=900)
     shown = verbose.stdout + verbose.stderr
     assert verbose.returncode == 0, shown
-    assert re.search(r"\(\w+ pid=\d+\).*step 5/10", shown), shown
-    assert "preprocess:cifar: reused" in shown  # as tests/faults/test_driver_kill.py expects
+    assert re.search(r"\(\w+ pid=\d+\).*step 5/10", shown), shown  # a worker's line, as Ray forwards it
+    assert "preprocess:cifar: started" in shown and "pretrain: done in" in shown  # the view is there too
 
 
 def test_a_failing_stage_shows_its_error_and_the_log_file(tmp_path, cifar_source):
