@@ -57,6 +57,18 @@ def dump_dom(url: str, budget_ms: int = 15_000, timeout_s: float = 120) -> str:
     return done.stdout
 
 
+def text_showing(url: str, *expected: str, tries: int = 3, budget_ms: int = 15_000) -> str:
+    """The page's visible text once it shows every one of ``expected``: a single-page app renders in
+    stages (a tab's charts after its run's data), and a loaded machine renders slower than a virtual-time
+    budget assumes. Up to ``tries`` dumps, each with twice the budget of the one before; the last text is
+    returned either way (the caller asserts on it)."""
+    for attempt in range(tries):
+        text = visible_text(dump_dom(url, budget_ms=budget_ms * 2**attempt))
+        if all(item in text for item in expected):
+            break
+    return text
+
+
 def visible_text(dom: str) -> str:
     """The DOM's text, without scripts, styles and tags, whitespace collapsed."""
     text = re.sub(r"<(script|style)\b.*?</\1>", " ", dom, flags=re.S | re.I)
