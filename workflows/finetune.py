@@ -34,6 +34,14 @@ from vit.loop import TrainConfig
 from vit.optim import OptimConfig
 from workflows import tags as tag
 from workflows.configs import Resources, Tracking, absolute_uri, load_yaml_config
+from workflows.training import (
+    PretrainedStart,
+    WorkerSpec,
+    newest_persisted_checkpoint,
+    persisted_checkpoints,
+    train_in_trial,
+    train_worker,
+)
 
 log = logging.getLogger(__name__)
 
@@ -374,7 +382,6 @@ def run_trial(params: dict[str, Any], shared: dict[str, Any]) -> None:
     from ray import tune
 
     from workflows import tracking
-    from workflows.training import train_in_trial
 
     config = FinetuneSearchConfig.model_validate(shared["config"])
     pretrained = ViTConfig.from_dict(shared["pretrained"]["config"])
@@ -418,24 +425,27 @@ def run_trial(params: dict[str, Any], shared: dict[str, Any]) -> None:
                                           "finetune": sections["finetune"], "gflops_per_image": round(gflops(target), 4),
                                           "pretrained": shared["pretrained"]["uri"]})
     resources = config.resources
-    worker_config = {
-        **sections,
-        "dataset": absolute_uri(config.dataset),
-        "train_split": config.train_split,
-        "val_split": config.val_split,
-        "class_names": shared["class_names"],
-        "tracking_uri": uri,
-        "run_id": run_id,
-        "pretrained": {**shared["pretrained"], "mode": sections["finetune"]["mode"]},  # a choice may set mode
-        "report_validation_only": True,  # every Tune result carries val/top1 (ASHA's metric)
-        "close_run_at_end": True,  # FINISHED before the last report, at which ASHA may stop the trial
-        "run_storage": trial_storage,
-    }
+    spec = WorkerSpec(
+        model=ViTConfig.from_dict(sections["model"]),
+        data=DataConfig.from_dict(sections["data"]),
+        train=TrainConfig.from_dict(sections["train"]),
+        dataset=absolute_uri(config.dataset),
+        train_split=config.train_split,
+        val_split=config.val_split,
+        class_names=tuple(shared["class_names"]),
+        tracking_uri=uri,
+        run_id=run_id,
+        pretrained=PretrainedStart(state_dict=shared["pretrained"]["state_dict"], config=pretrained,
+                                   uri=shared["pretrained"]["uri"], mode=sections["finetune"]["mode"]),  # a choice may set mode
+        report_validation_only=True,  # every Tune result carries the search's metric (ASHA's)
+        close_run_at_end=True,  # FINISHED before the last report, at which ASHA may stop the trial
+        run_storage=trial_storage,
+    )
     try:
         if in_process_trials(resources):
-            train_in_trial(worker_config, cpus=resources.cpus_per_worker, use_gpu=resources.use_gpu)
+            train_in_trial(spec, cpus=resources.cpus_per_worker, use_gpu=resources.use_gpu)
         else:
-            _fit_worker_group(config, trial_id, worker_config)
+            _fit_worker_group(config, trial_id, spec)
     except Exception as error:  # e.g. a non-finite loss (vit.loop stops at once) or a worker that died
         failed(error)
         raise
@@ -450,17 +460,16 @@ def in_process_trials(resources: Resources) -> bool:
     return resources.num_workers == 1
 
 
-def _fit_worker_group(config: FinetuneSearchConfig, trial_id: str, worker_config: dict[str, Any]) -> None:
+def _fit_worker_group(config: FinetuneSearchConfig, trial_id: str, spec: WorkerSpec) -> None:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from workflows.training import train_worker
 
     resources = config.resources
     TorchTrainer(
         train_worker,
-        train_loop_config=worker_config,
+        train_loop_config={"spec": spec},
         scaling_config=ScalingConfig(
             num_workers=resources.num_workers, use_gpu=resources.use_gpu,
             resources_per_worker=resources.per_worker(),
@@ -484,7 +493,6 @@ def _finished_trial_result(uri: str, run_id: str, trial_storage: str, total_step
     that goes with them; so a FINISHED run whose last checkpoint is not persisted yet is not finished).
     """
     from workflows import tracking
-    from workflows.training import newest_persisted_checkpoint, persisted_checkpoints
 
     metrics = tracking.run_metrics(uri, run_id)
     if METRIC not in metrics or "train/loss" not in metrics:

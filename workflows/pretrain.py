@@ -22,7 +22,7 @@ from vit.checkpoint import model_from_checkpoint
 from vit.data import check_dataset, read_dataset_index
 from workflows import tags as tag
 from workflows.configs import PretrainConfig, absolute_uri, load_yaml_config
-from workflows.training import system_tags, train_worker
+from workflows.training import WorkerSpec, system_tags, train_worker
 
 
 @dataclass(frozen=True)
@@ -78,24 +78,24 @@ def run_pretrain(config: PretrainConfig, *, parent_run_id: str | None = None, co
         tracking.reopen_run(tracking_uri, run_id)  # a rerun continues the same MLflow run
 
     storage = absolute_uri(config.storage_path)
-    worker_config = {
-        "model": model_config.to_dict(),
-        "data": config.data.to_dict(),
-        "train": config.train.to_dict(),
-        "dataset": absolute_uri(config.dataset),
-        "train_split": config.train_split,
-        "val_split": config.val_split,
-        "class_names": list(index.class_names),
-        "tracking_uri": tracking_uri,
-        "run_id": run_id,
-        "offline_dir": offline_dir(storage, config.name),
-        "run_storage": f"{storage.rstrip('/')}/{config.name}",
-        "fail_at_step": config.fail_at_step,
-        "fault_marker": f"{Path(config.storage_path).resolve()}/{config.name}.fault-injected" if config.fail_at_step else None,
-    }
+    spec = WorkerSpec(
+        model=model_config,
+        data=config.data,
+        train=config.train,
+        dataset=absolute_uri(config.dataset),
+        train_split=config.train_split,
+        val_split=config.val_split,
+        class_names=tuple(index.class_names),
+        tracking_uri=tracking_uri,
+        run_id=run_id,
+        offline_dir=offline_dir(storage, config.name),
+        run_storage=f"{storage.rstrip('/')}/{config.name}",
+        fail_at_step=config.fail_at_step,
+        fault_marker=f"{Path(config.storage_path).resolve()}/{config.name}.fault-injected" if config.fail_at_step else None,
+    )
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config=worker_config,
+        train_loop_config={"spec": spec},
         scaling_config=ScalingConfig(
             num_workers=config.resources.num_workers,
             use_gpu=config.resources.use_gpu,
@@ -124,7 +124,7 @@ def run_pretrain(config: PretrainConfig, *, parent_run_id: str | None = None, co
         "steps": config.train.total_steps,
         **{f"final.{k}": round(v, 5) for k, v in metrics.items() if k.startswith("val/")},
     }
-    offline = Path(worker_config["offline_dir"])
+    offline = Path(spec.offline_dir)
     try:
         if not tracking.wait_reachable(tracking_uri, config.tracking.offline_after_s):
             raise tracking.TrackingUnavailable(f"no answer for {config.tracking.offline_after_s:.0f} s")

@@ -1,6 +1,8 @@
 """The training function shared by pre-training and fine-tuning trials, and what it prints.
 
-It runs plain ``vit.loop.fit``; the framework touch points are all here, behind a small ``WorkerSession``:
+What a worker trains is a ``WorkerSpec``: typed and frozen, built by the stage on the driver and shipped to
+every worker, so a missing or misspelt field fails where the stage builds it, not as a KeyError on a remote
+worker. It runs plain ``vit.loop.fit``; the framework touch points are all here, behind a small ``WorkerSession``:
 on a Ray Train worker (``train_worker``) rank and device come from Ray, DDP through
 ``ray.train.torch.prepare_model``, checkpoints and metrics through ``ray.train.report`` (which Tune's
 ``TuneReportCallback`` forwards to a search); in a single-worker Tune trial (``train_in_trial``) the trial's
@@ -25,6 +27,43 @@ from vit import ViTConfig
 from vit.data import DataConfig
 from vit.loop import TrainConfig
 from vit.precision import Hardware, SlowPrecisionWarning, probe, resolve_precision
+
+
+@dataclass(frozen=True)
+class PretrainedStart:
+    """Fine-tuning's starting point: the pre-trained weights (a Ray object reference when they travel
+    through the object store to a remote trial) and the config they were trained with."""
+
+    state_dict: Any  # dict[str, Tensor] or ray.ObjectRef to one
+    config: ViTConfig
+    uri: str  # where they came from (models:/..., runs:/..., a folder), for the record
+    mode: str = "full"  # vit.finetune mode: "full" or "linear_probe"
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a training worker needs. Pre-training and each fine-tuning trial build one."""
+
+    model: ViTConfig  # the model being trained (for fine-tuning: at the trial's resolution, the new head)
+    data: DataConfig
+    train: TrainConfig
+    dataset: str  # the shard folder or URI (absolute: workers run elsewhere)
+    class_names: tuple[str, ...]
+    tracking_uri: str
+    run_id: str  # the MLflow run rank 0 logs into
+    train_split: str = "train"
+    val_split: str = "val"
+    run_storage: str | None = None  # where this run's checkpoints persist (resume looks there)
+    pretrained: PretrainedStart | None = None  # fine-tuning: start from these weights (paper Section 3.2)
+    offline_dir: str | None = None  # where metrics MLflow could not take are spilled at the end
+    report_validation_only: bool = False  # a Tune trial: Tune compares trials on validation metrics only
+    close_run_at_end: bool = False  # a Tune trial: FINISHED before the last report (ASHA may stop it there)
+    fail_at_step: int | None = None  # fault drill: rank 0 raises once at this step...
+    fault_marker: str | None = None  # ...and marks here that it did
+
+    def __post_init__(self) -> None:
+        if self.fail_at_step is not None and self.fault_marker is None:
+            raise ValueError("fail_at_step needs a fault_marker (the drill fires once)")
 
 
 def system_tags() -> dict[str, str]:
@@ -57,9 +96,10 @@ class WorkerSession:
     node: str = ""  # this worker's node, for its system metrics on multi-worker runs
 
 
-def train_worker(cfg: dict[str, Any]) -> None:
-    """Runs on every Ray Train worker: rank and device from Ray, DDP through ``prepare_model``, checkpoints
-    and metrics through ``ray.train.report`` (forwarded to Tune by ``TuneReportCallback`` in a search)."""
+def train_worker(config: dict[str, WorkerSpec]) -> None:
+    """Runs on every Ray Train worker (``train_loop_config={"spec": WorkerSpec}``): rank and device from
+    Ray, DDP through ``prepare_model``, checkpoints and metrics through ``ray.train.report`` (forwarded to
+    Tune by ``TuneReportCallback`` in a search)."""
     import ray.train
     import ray.train.torch
     import torch
@@ -84,16 +124,16 @@ def train_worker(cfg: dict[str, Any]) -> None:
             shutil.rmtree(checkpoint_dir, ignore_errors=True)  # persisted by Ray to the run's storage
 
     rank = context.get_world_rank()
-    _train(cfg, WorkerSession(rank=rank, world_size=context.get_world_size(), device=device,
+    _train(config["spec"], WorkerSession(rank=rank, world_size=context.get_world_size(), device=device,
                               registered_checkpoint=registered_checkpoint, report=report,
                               prepare_model=ray.train.torch.prepare_model,
                               node=f"rank{rank}-node{ray.get_runtime_context().get_node_id()[:8]}"))
 
 
-def train_in_trial(cfg: dict[str, Any], *, cpus: float, use_gpu: bool) -> None:
+def train_in_trial(spec: WorkerSpec, *, cpus: float, use_gpu: bool) -> None:
     """A single-worker Tune trial trained in the trial's own process: no Ray Train controller and worker
     group to start for it (on 2 cores those cost ~15 s a trial, most of a short trial's time). Metrics go
-    to Tune through ``tune.report``; checkpoints are persisted by this function into ``cfg["run_storage"]``
+    to Tune through ``tune.report``; checkpoints are persisted by this function into ``spec.run_storage``
     (named and kept like Ray Train's: ``checkpoint_<time>``, the newest only), and Tune gets their path."""
     import torch
     from ray import tune
@@ -104,16 +144,16 @@ def train_in_trial(cfg: dict[str, Any], *, cpus: float, use_gpu: bool) -> None:
 
     def report(metrics: dict[str, float], checkpoint_dir: str | None) -> None:
         if checkpoint_dir:
-            metrics = {**metrics, "checkpoint_path": persist_checkpoint(checkpoint_dir, cfg["run_storage"])}
+            metrics = {**metrics, "checkpoint_path": persist_checkpoint(checkpoint_dir, spec.run_storage)}
             shutil.rmtree(checkpoint_dir, ignore_errors=True)
         tune.report(metrics)
 
     # A rerun of the trial (Tune's retry, or a restored search) resumes from its persisted checkpoints.
-    _train(cfg, WorkerSession(rank=0, world_size=1, device=device, registered_checkpoint=lambda folder: None,
+    _train(spec, WorkerSession(rank=0, world_size=1, device=device, registered_checkpoint=lambda folder: None,
                               report=report))
 
 
-def _train(cfg: dict[str, Any], session: WorkerSession) -> None:
+def _train(spec: WorkerSpec, session: WorkerSession) -> None:
     """Plain ``vit.loop.fit`` between the session's touch points; rank 0 also sends metrics to MLflow."""
     import torch
 
@@ -123,8 +163,7 @@ def _train(cfg: dict[str, Any], session: WorkerSession) -> None:
     from workflows import tracking
 
     rank, world_size = session.rank, session.world_size
-    data_config = DataConfig.from_dict(cfg["data"])
-    train_config = TrainConfig.from_dict(cfg["train"])
+    data_config, train_config = spec.data, spec.train
     hardware = probe(session.device)
     with warnings.catch_warnings():  # fit warns about an emulated precision itself
         warnings.simplefilter("ignore", SlowPrecisionWarning)
@@ -132,34 +171,34 @@ def _train(cfg: dict[str, Any], session: WorkerSession) -> None:
     if rank == 0:
         print(f"{world_size} worker(s) on {session.device}, {torch.get_num_threads()} torch threads each; "
               f"precision {precision} ({train_config.precision}; {hardware.describe()})", flush=True)
-        _record_precision(cfg["tracking_uri"], cfg["run_id"], precision, hardware)
+        _record_precision(spec.tracking_uri, spec.run_id, precision, hardware)
     peak = peak_flops(session.device, precision)  # perf/mfu's denominator: measured once per machine
     # CPU, memory (and GPU) of every worker's machine, named per worker when there are several.
-    monitor = tracking.start_system_metrics(cfg["tracking_uri"], cfg["run_id"],
+    monitor = tracking.start_system_metrics(spec.tracking_uri, spec.run_id,
                                             node_id=session.node if world_size > 1 else None)
-    model = initial_model(cfg)
-    train = train_loader(cfg["dataset"], data_config, rank=rank, world_size=world_size, split=cfg["train_split"])
-    val = eval_loader(cfg["dataset"], data_config, rank=rank, world_size=world_size, split=cfg["val_split"])
+    model = initial_model(spec)
+    train = train_loader(spec.dataset, data_config, rank=rank, world_size=world_size, split=spec.train_split)
+    val = eval_loader(spec.dataset, data_config, rank=rank, world_size=world_size, split=spec.val_split)
 
     # This worker's folder: the checkpoints it writes, and the copies it resumes from (removed at the end).
     local_checkpoints = Path(tempfile.mkdtemp(prefix="vitflow-ckpt-"))
     resume_dir = session.registered_checkpoint(local_checkpoints / "reported")
-    newer = newest_persisted_checkpoint(cfg.get("run_storage"), than_step=checkpoint_step(resume_dir),
+    newer = newest_persisted_checkpoint(spec.run_storage, than_step=checkpoint_step(resume_dir),
                                         scratch=local_checkpoints)
     if newer is not None:
         if rank == 0:
             print(f"resuming from {newer}: persisted after the checkpoint the runner had registered", flush=True)
         resume_dir = newer
-    buffer = tracking.MetricBuffer(cfg["tracking_uri"], cfg["run_id"]) if rank == 0 else None
-    if buffer is not None and resume_dir is None and cfg.get("pretrained") is not None:
+    buffer = tracking.MetricBuffer(spec.tracking_uri, spec.run_id) if rank == 0 else None
+    if buffer is not None and resume_dir is None and spec.pretrained is not None:
         # The fine-tuning recipe's evidence: the head fit starts from is exactly zero (Section 3.2).
         buffer.log(0, {"init/head_abs_max": float(model.head.weight.abs().max()), "init/head_bias_abs_max": float(model.head.bias.abs().max())})
         buffer.flush_if_healthy()
     progress = Progress(train_config.total_steps, data_config.batch_size * world_size * train_config.grad_accum_steps)
 
     def report(step: int, metrics: dict[str, float], checkpoint_dir: str | None = None) -> None:
-        if cfg.get("fail_at_step") and rank == 0 and step >= cfg["fail_at_step"] and not os.path.exists(cfg["fault_marker"]):
-            Path(cfg["fault_marker"]).touch()  # fire once: the replacement worker group runs on
+        if spec.fail_at_step and rank == 0 and step >= spec.fail_at_step and not os.path.exists(spec.fault_marker):
+            Path(spec.fault_marker).touch()  # fire once: the replacement worker group runs on
             raise RuntimeError(f"fault drill: rank 0 fails at step {step}")
         if buffer is not None:
             buffer.log(step, metrics)
@@ -169,15 +208,15 @@ def _train(cfg: dict[str, Any], session: WorkerSession) -> None:
                 buffer.flush_if_healthy()
             progress.print(step, metrics)
         validated = any(key.startswith("val/") for key in metrics)
-        if cfg.get("report_validation_only") and not validated:
+        if spec.report_validation_only and not validated:
             return  # a Tune trial: Tune compares trials on validation metrics, MLflow has the rest
-        if buffer is not None and cfg.get("close_run_at_end") and step >= train_config.total_steps:
+        if buffer is not None and spec.close_run_at_end and step >= train_config.total_steps:
             # A search's scheduler may stop the trial at its last report (ASHA does at max_t), and then
             # nothing after this line runs: close the trial's run first, with its metrics on record.
-            _close_run(cfg["tracking_uri"], cfg["run_id"], buffer)
+            _close_run(spec.tracking_uri, spec.run_id, buffer)
         session.report({**metrics, "step": step}, checkpoint_dir)
 
-    metadata = {"class_names": cfg["class_names"], "data": cfg["data"]}
+    metadata = {"class_names": list(spec.class_names), "data": spec.data.to_dict()}
     try:
         fit(model, train, val, train_config, report=report, checkpoint_dir=local_checkpoints,
             resume_from=resume_dir, device=session.device, rank=rank,
@@ -186,7 +225,7 @@ def _train(cfg: dict[str, Any], session: WorkerSession) -> None:
         if monitor is not None:
             monitor.finish()
         if buffer is not None:
-            spill = Path(cfg["offline_dir"]) / tracking.OFFLINE_METRICS if cfg.get("offline_dir") else None
+            spill = Path(spec.offline_dir) / tracking.OFFLINE_METRICS if spec.offline_dir else None
             buffer.close(timeout_s=30.0, spill_path=spill)
         shutil.rmtree(local_checkpoints, ignore_errors=True)
 
@@ -307,23 +346,22 @@ def _quiet_ray_train_reports() -> None:
     logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
 
 
-def initial_model(cfg: dict[str, Any]):
+def initial_model(spec: WorkerSpec):
     """A fresh model for pre-training, or the paper's fine-tuning start: the pre-trained weights with
     position embeddings resampled to the new grid and a zero-initialised head (``vit.finetune``)."""
     from vit import VisionTransformer
     from vit.finetune import prepare_finetune_model
 
-    target = ViTConfig.from_dict(cfg["model"])
-    pretrained = cfg.get("pretrained")
+    target, pretrained = spec.model, spec.pretrained
     if pretrained is None:
         return VisionTransformer(target)
     import ray
 
-    state_dict = pretrained["state_dict"]
+    state_dict = pretrained.state_dict
     if isinstance(state_dict, ray.ObjectRef):  # large weights travel through the object store
         state_dict = ray.get(state_dict)
-    return prepare_finetune_model(state_dict, ViTConfig.from_dict(pretrained["config"]), image_size=target.image_size,
-                                  num_classes=target.num_classes, mode=pretrained.get("mode", "full"))
+    return prepare_finetune_model(state_dict, pretrained.config, image_size=target.image_size,
+                                  num_classes=target.num_classes, mode=pretrained.mode)
 
 
 class Progress:

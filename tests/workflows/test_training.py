@@ -21,10 +21,15 @@ ROOT = Path(__file__).parents[2]
 
 TRAIN = """
 import json, sys, torch
-from workflows.training import WorkerSession, _train
+from vit import ViTConfig
+from vit.data import DataConfig
+from vit.loop import TrainConfig
+from workflows.training import WorkerSession, WorkerSpec, _train
 cfg = json.loads(sys.argv[1])
+spec = WorkerSpec(model=ViTConfig.from_dict(cfg.pop("model")), data=DataConfig.from_dict(cfg.pop("data")),
+                  train=TrainConfig.from_dict(cfg.pop("train")), class_names=tuple(cfg.pop("class_names")), **cfg)
 reports = []
-_train(cfg, WorkerSession(rank=0, world_size=1, device=torch.device("cpu"), registered_checkpoint=lambda folder: None,
+_train(spec, WorkerSession(rank=0, world_size=1, device=torch.device("cpu"), registered_checkpoint=lambda folder: None,
                           report=lambda metrics, checkpoint_dir: reports.append(metrics)))
 print(json.dumps(reports))
 """
@@ -64,3 +69,27 @@ def test_the_worker_records_its_precision_speed_and_machine(tmp_path, cifar_shar
     assert {"perf/mfu", "perf/images_per_sec", "perf/data_wait_fraction"} <= set(metrics)
     # one worker: MLflow's own names, at least one sample however short the run
     assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(metrics)
+
+
+def test_a_worker_spec_is_checked_where_the_stage_builds_it():
+    """What crosses to the workers is typed: a misspelt or missing field fails on the driver, at once."""
+    import dataclasses
+
+    from vit import ViTConfig
+    from vit.data import DataConfig
+    from vit.loop import TrainConfig
+    from workflows.training import WorkerSpec
+
+    fields = dict(model=ViTConfig(image_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=2),
+                  data=DataConfig(), train=TrainConfig(total_steps=1), dataset="/data/shards", class_names=("a", "b"),
+                  tracking_uri="sqlite:///mlflow.db", run_id="run")
+    spec = WorkerSpec(**fields)
+    assert spec.train_split == "train" and spec.pretrained is None
+    with pytest.raises(TypeError, match="tarin_split"):
+        WorkerSpec(**fields, tarin_split="train")
+    with pytest.raises(TypeError, match="run_id"):
+        WorkerSpec(**{k: v for k, v in fields.items() if k != "run_id"})
+    with pytest.raises(ValueError, match="fault_marker"):
+        WorkerSpec(**fields, fail_at_step=3)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.run_id = "other"  # type: ignore[misc]
