@@ -12,6 +12,7 @@ from pathlib import Path
 
 from vit.data import IMAGENET_MEAN, IMAGENET_STD, DataConfig, eval_loader, read_dataset_index
 from workflows import tags as tag
+from workflows import tracking
 from workflows.configs import EvaluateConfig
 
 
@@ -42,8 +43,6 @@ def log_model_figures(tracking_uri: str, run_id: str, model, dataset: str, split
     """The paper's Figure 7 (patch-embedding PCs, position-embedding similarity, attention distance) and
     Figure 6 (attention rollout over a few images of ``split``) as PNG artifacts under ``figures/``."""
     from vit.figures import write_vit_figures
-    from workflows import tracking
-
     loader = eval_loader(dataset, DataConfig.from_dict({**data.to_dict(), "batch_size": num_images, "num_workers": 0}),
                          rank=0, world_size=1, split=split)
     images = next(iter(loader))[0]  # (n, C, H, W), normalised
@@ -67,8 +66,6 @@ def run_evaluate(config: EvaluateConfig, *, parent_run_id: str | None = None) ->
 
     from vit.checkpoint import model_from_checkpoint
     from vit.evaluation import classification_metrics, confusion_matrix_figure, predict
-    from workflows import tracking
-
     uri = config.tracking.uri or tracking.default_tracking_uri()
     plain = tracking.load_plain_model(uri, config.model)
     index = read_dataset_index(config.dataset)

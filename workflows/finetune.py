@@ -33,6 +33,7 @@ from vit.finetune import FinetuneConfig, FinetuneMode, paper_finetune_optim
 from vit.loop import TrainConfig
 from vit.optim import OptimConfig
 from workflows import tags as tag
+from workflows import tracking
 from workflows.configs import Resources, Tracking, absolute_uri, load_yaml_config
 from workflows.training import (
     PretrainedStart,
@@ -260,7 +261,6 @@ def trial_configs(config: FinetuneSearchConfig, params: dict[str, Any], model: V
 
 def run_finetune(config: FinetuneSearchConfig, *, parent_run_id: str | None = None,
                  callbacks: Sequence[Any] = ()) -> FinetuneResult:
-    from workflows import tracking
     from workflows.local_ray import embedded_ray
 
     index = read_dataset_index(config.dataset)
@@ -381,8 +381,6 @@ def run_trial(params: dict[str, Any], shared: dict[str, Any]) -> None:
     worker) or a ``TorchTrainer`` fit whose workers report to Tune through ``TuneReportCallback``."""
     from ray import tune
 
-    from workflows import tracking
-
     config = FinetuneSearchConfig.model_validate(shared["config"])
     pretrained = ViTConfig.from_dict(shared["pretrained"]["config"])
     trial_id = tune.get_context().get_trial_id()
@@ -492,8 +490,6 @@ def _finished_trial_result(uri: str, run_id: str, trial_storage: str, total_step
     validation is on record (rank 0 flushes metrics, and closes the run, before reporting the checkpoint
     that goes with them; so a FINISHED run whose last checkpoint is not persisted yet is not finished).
     """
-    from workflows import tracking
-
     metrics = tracking.run_metrics(uri, run_id)
     if METRIC not in metrics or "train/loss" not in metrics:
         return None
@@ -583,7 +579,6 @@ def _conclude(config: FinetuneSearchConfig, grid, pretrained, index, tracking_ur
     from vit.checkpoint import model_from_checkpoint
     from vit.data import eval_loader
     from vit.loop import evaluate
-    from workflows import tracking
     from workflows.evaluate import log_model_figures, preprocessing_of
 
     rows = trials_table(grid)
@@ -652,7 +647,5 @@ def _conclude(config: FinetuneSearchConfig, grid, pretrained, index, tracking_ur
 
 def _registry_version(tracking_uri: str, model_uri: str) -> str:
     """The registered version a model URI points at (``models:/name@alias`` resolved), or ''."""
-    from workflows import tracking
-
     return tracking.resolve_version(tracking_uri, model_uri) or ""
 

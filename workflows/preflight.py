@@ -13,6 +13,7 @@ import socket
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from workflows import tracking
 from workflows.spec import WorkflowSpec
 
 PROBE_TIMEOUT_S = 5.0
@@ -117,8 +118,6 @@ def check_models(spec: WorkflowSpec, tracking_uri: str) -> None:
     for key, uri in references:
         if uri is None or not uri.startswith(("models:/", "runs:/")):
             continue  # a local folder: its existence was checked at load
-        from workflows import tracking
-
         if tracking.missing_store(tracking_uri) is not None:
             raise PreflightError(f"{key}: {uri} does not exist: the tracking store {tracking_uri} has no models yet")
         if not tracking.model_exists(tracking_uri, uri):
@@ -130,8 +129,6 @@ def check_models(spec: WorkflowSpec, tracking_uri: str) -> None:
 def check_resolutions(image_sizes: list[int], pretrained: str, tracking_uri: str) -> None:
     """Every fine-tuning resolution must be a whole number of the pre-trained model's patches. Reads the
     model's logged config (one small file), not its weights."""
-    from workflows import tracking
-
     try:
         patch = tracking.logged_model_config(tracking_uri, pretrained).patch_size
     except ValueError as error:

@@ -21,6 +21,7 @@ from vit import gflops
 from vit.checkpoint import model_from_checkpoint
 from vit.data import check_dataset, read_dataset_index
 from workflows import tags as tag
+from workflows import tracking
 from workflows.configs import PretrainConfig, absolute_uri, load_yaml_config
 from workflows.training import WorkerSpec, system_tags, train_worker
 
@@ -47,7 +48,6 @@ def run_pretrain(config: PretrainConfig, *, parent_run_id: str | None = None, co
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from workflows import tracking
     from workflows.evaluate import log_model_figures, preprocessing_of
 
     index = read_dataset_index(config.dataset)

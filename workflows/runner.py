@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from workflows import tags as tag
+from workflows import tracking
 from workflows.spec import WorkflowSpec
 
 STAGE_ORDER = ("preprocess", "pretrain", "finetune", "evaluate")
@@ -105,7 +106,7 @@ class WorkflowRunner:
         self.search_callbacks: list[Any] = []  # Tune callbacks for the search (e.g. a console's view of it)
         # On a cluster (cluster.yaml) the environment names the shared tracking server and storage.
         self.tracking_uri = (spec.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
-                             or f"sqlite:///{self.workdir / 'mlflow.db'}")
+                             or tracking.default_tracking_uri(self.workdir))
         self.storage_path = spec.storage_path or os.environ.get("VITFLOW_STORAGE") or str(self.workdir / "runs")
         self.code = code_version()
         self.results: dict[str, StageResult] = {}
@@ -149,8 +150,6 @@ class WorkflowRunner:
             return self._run_tracked(spec_text)
 
     def _run_tracked(self, spec_text: str) -> dict[str, StageResult]:
-        from workflows import tracking
-
         experiment = self.spec.tracking.experiment
         tracking.ensure_experiment(experiment, self.tracking_uri)
         here = {tag.WORKFLOW: self.spec.name, tag.WORKDIR: str(self.workdir.resolve())}
@@ -188,15 +187,11 @@ class WorkflowRunner:
         return self.results
 
     def run_link(self, run_id: str) -> str:
-        from workflows import tracking
-
         return tracking.run_url(self.tracking_uri, self.spec.tracking.experiment, run_id)
 
     # --- caching ---------------------------------------------------------------------------------
 
     def _cached(self, stage: str, stage_fingerprint: str) -> StageResult | None:
-        from workflows import tracking
-
         if stage in self.force:
             return None
         for run in tracking.runs_with_tags(self.tracking_uri, self.spec.tracking.experiment,
@@ -210,8 +205,6 @@ class WorkflowRunner:
         return None
 
     def _still_valid(self, result: StageResult) -> bool:
-        from workflows import tracking
-
         if result.dataset_uri and not result.model_uri:
             from pipeline import verify_shards
 
@@ -224,8 +217,6 @@ class WorkflowRunner:
         return True
 
     def _finish(self, stage: str, stage_fingerprint: str, result: StageResult) -> StageResult:
-        from workflows import tracking
-
         tracking.set_tags(self.tracking_uri, result.run_id, {tag.STAGE_FINGERPRINT: stage_fingerprint, tag.RESULT: result.to_json(),
                                                              tag.STAGE_NAME: stage, tag.CODE_VERSION: self.code})
         self.results[stage] = result
@@ -234,8 +225,6 @@ class WorkflowRunner:
 
     def _name(self, stage: str, stage_fingerprint: str) -> str:
         """Deterministic per fingerprint (so a rerun resumes); a forced rerun gets the next free suffix."""
-        from workflows import tracking
-
         name = f"{self.spec.name}-{stage}-{stage_fingerprint[:10]}"
         if stage in self.force:
             taken = tracking.runs_with_tags(self.tracking_uri, self.spec.tracking.experiment, {tag.STAGE_FINGERPRINT: stage_fingerprint})
@@ -269,8 +258,6 @@ class WorkflowRunner:
             try:
                 summary = ray.get(done[0])
             except Exception:
-                from workflows import tracking
-
                 tracking.end_run(self.tracking_uri, run_id, status="FAILED")
                 self.on_event(key, "failed", self.run_link(run_id))
                 raise
@@ -279,8 +266,6 @@ class WorkflowRunner:
                                                     dataset_uri=summary["out"], dataset_fingerprint=summary["fingerprint"]))
 
     def _stage_run(self, stage: str, stage_fp: str, params: dict) -> str:
-        from workflows import tracking
-
         run_id = tracking.start_run(self.tracking_uri, self.spec.tracking.experiment, f"{self.spec.name}-{stage}",
                                     parent_run_id=self.parent, tags={tag.STAGE: stage.split(":")[0],
                                                                      tag.STAGE_NAME: stage})
@@ -288,8 +273,6 @@ class WorkflowRunner:
         return run_id
 
     def _log_preprocess(self, run_id: str, summary: dict) -> None:
-        from workflows import tracking
-
         tracking.log_metrics(self.tracking_uri, run_id, {
             "inputs": summary["num_inputs"], "sharded": summary["num_sharded"], "quarantined": summary["num_quarantined"],
             "images_per_sec": summary["images_per_second"], "shards_built": summary["built"], "shards_reused": summary["reused"]})

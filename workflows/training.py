@@ -27,6 +27,7 @@ from vit import ViTConfig
 from vit.data import DataConfig
 from vit.loop import TrainConfig
 from vit.precision import Hardware, SlowPrecisionWarning, probe, resolve_precision
+from workflows import tracking
 
 
 @dataclass(frozen=True)
@@ -160,8 +161,6 @@ def _train(spec: WorkerSpec, session: WorkerSession) -> None:
     from vit.data import eval_loader, train_loader
     from vit.loop import fit
     from vit.perf import peak_flops
-    from workflows import tracking
-
     rank, world_size = session.rank, session.world_size
     data_config, train_config = spec.data, spec.train
     hardware = probe(session.device)
@@ -233,8 +232,6 @@ def _train(spec: WorkerSpec, session: WorkerSession) -> None:
 def _close_run(tracking_uri: str, run_id: str, buffer) -> None:
     """Mark a trial's run FINISHED once its training is complete; during a tracking outage the run stays
     open (the search's conclusion closes it) and training goes on."""
-    from workflows import tracking
-
     if not buffer.flush_if_healthy():
         return
     try:
@@ -247,8 +244,6 @@ def _close_run(tracking_uri: str, run_id: str, buffer) -> None:
 def _record_precision(tracking_uri: str, run_id: str, precision: str, hardware: Hardware) -> None:
     """The precision the run trains with, resolved on this worker's device, as an MLflow param (and the
     hardware it was resolved for as tags). A tracking outage does not stop training for it."""
-    from workflows import tracking
-
     try:
         tracking.log_params(tracking_uri, run_id, {"precision": precision})
         tracking.set_tags(tracking_uri, run_id, {"system.device_capability": hardware.capability,

@@ -396,6 +396,7 @@ def ui(
     import os
 
     from workflows import ui as mlflow_ui
+    from workflows.tracking import default_tracking_uri
 
     if spec is not None and tracking_uri is None:
         from workflows.spec import SpecError, load_spec
@@ -404,10 +405,10 @@ def ui(
             loaded, _ = load_spec(spec)
         except SpecError as error:
             fail(str(error))
-        tracking_uri = loaded.tracking.uri or f"sqlite:///{Path(loaded.workdir) / 'mlflow.db'}"
+        tracking_uri = loaded.tracking.uri or default_tracking_uri(loaded.workdir)
         if not tracking_uri.startswith("sqlite:///"):
             fail(f"{spec}: its tracking URI {tracking_uri} is a server already; open it in a browser")
-    uri = tracking_uri or f"sqlite:///{Path('mlflow.db').resolve()}"  # tracking.default_tracking_uri(), without torch
+    uri = tracking_uri or default_tracking_uri()
     try:
         database = mlflow_ui.sqlite_path(uri)
     except ValueError as error:
