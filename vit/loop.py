@@ -33,7 +33,7 @@ from torch import nn
 
 from vit.checkpoint import load_checkpoint, restore_training_state, save_checkpoint, training_state
 from vit.config import ViTConfig
-from vit.data import DatasetError
+from vit.data import check_class_map
 from vit.data.plan import derive_seed
 from vit.flops import train_flops
 from vit.optim import OptimConfig, build_optimizer, build_schedule
@@ -202,9 +202,8 @@ def fit(
         state = load_checkpoint(resume_from)
         trained_on = state.get("metadata", {}).get("class_names")
         given = (metadata or {}).get("class_names")
-        if trained_on is not None and given is not None and list(trained_on) != list(given):
-            raise DatasetError(f"{resume_from}: the checkpoint's head predicts classes {list(trained_on)[:5]} "
-                               f"({len(trained_on)}), the data has {list(given)[:5]} ({len(given)}): the class maps differ")
+        if trained_on is not None and given is not None:
+            check_class_map(trained_on, given, f"{resume_from}: the checkpoint's head", "the data")
         step, epoch, batch_in_epoch = restore_training_state(state, model=model, optimizer=optimizer,
                                                              schedule=schedule, scaler=scaler)
         if rank != 0:  # only rank 0's generators were saved; the others start a fresh, distinct stream

@@ -10,7 +10,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from vit.data import IMAGENET_MEAN, IMAGENET_STD, DataConfig, eval_loader, read_dataset_index
+from vit.data import IMAGENET_MEAN, IMAGENET_STD, DataConfig, check_class_map, eval_loader, read_dataset_index
 from workflows import tags as tag
 from workflows import tracking
 from workflows.configs import EvaluateConfig
@@ -52,14 +52,6 @@ def log_model_figures(tracking_uri: str, run_id: str, model, dataset: str, split
     return [f"figures/{path.name}" for path in paths.values()]
 
 
-def check_class_map(model_classes: list[str], dataset_classes: tuple[str, ...], model_uri: str, dataset: str) -> None:
-    if list(model_classes) != list(dataset_classes):
-        raise ValueError(
-            f"model {model_uri} predicts {len(model_classes)} classes {list(model_classes)[:5]}..., but dataset "
-            f"{dataset} has {len(dataset_classes)} classes {list(dataset_classes)[:5]}...: the class maps differ"
-        )
-
-
 def run_evaluate(config: EvaluateConfig, *, parent_run_id: str | None = None) -> EvaluateResult:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -70,7 +62,7 @@ def run_evaluate(config: EvaluateConfig, *, parent_run_id: str | None = None) ->
     plain = tracking.load_plain_model(uri, config.model)
     index = read_dataset_index(config.dataset)
     index.split(config.split)
-    check_class_map(plain.class_names, index.class_names, config.model, config.dataset)
+    check_class_map(plain.class_names, index.class_names, f"model {config.model}", f"dataset {config.dataset}")
     model = model_from_checkpoint(plain.state_dict, plain.config)
     data = model_data_config(plain.preprocessing, plain.config.image_size[0], config.batch_size)
     logits, labels = predict(model, eval_loader(config.dataset, data, rank=0, world_size=1, split=config.split))

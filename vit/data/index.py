@@ -112,6 +112,21 @@ def read_dataset_index(dataset_dir: str | Path) -> DatasetIndex:
     return DatasetIndex(root=root, class_names=class_names, splits=splits, fingerprint=str(doc.get("fingerprint", "")))
 
 
+def class_map_problem(predicts: Sequence[str], has: Sequence[str], model: str, data: str) -> str | None:
+    """The one check that a model's head and the data it meets share a class map (same classes, same order:
+    index i is the same class to both), worded the same wherever it is made: None when they agree."""
+    if list(predicts) == list(has):
+        return None
+    return (f"{model} predicts {len(predicts)} classes {list(predicts)[:5]}, {data} has {len(has)} {list(has)[:5]}: "
+            f"the class maps differ")
+
+
+def check_class_map(predicts: Sequence[str], has: Sequence[str], model: str, data: str) -> None:
+    """:func:`class_map_problem` as a :class:`DatasetError`."""
+    if problem := class_map_problem(predicts, has, model, data):
+        raise DatasetError(problem)
+
+
 def check_dataset(index: DatasetIndex, *, train_split: str, eval_splits: Sequence[str] = (),
                   class_names: Sequence[str] | None = None) -> None:
     """Refuse a dataset that cannot train a classifier as configured, before any training starts.
@@ -148,9 +163,8 @@ def check_dataset(index: DatasetIndex, *, train_split: str, eval_splits: Sequenc
             problems.append(f"split {split!r} has images of classes that split {train_split!r} has none of: "
                             f"{sorted(present - trained)[:5]} (the splits' class maps differ)")
     problems += _manifest_label_problems(index)
-    if class_names is not None and tuple(class_names) != names:
-        problems.append(f"the model's head predicts {len(class_names)} classes {list(class_names)[:5]}, the dataset has "
-                        f"{len(names)} {list(names)[:5]}: the class maps differ")
+    if class_names is not None and (problem := class_map_problem(class_names, names, "the model's head", "the dataset")):
+        problems.append(problem)
     if problems:
         raise DatasetError(f"dataset {index.root} cannot be trained on: " + "; ".join(problems))
 
