@@ -29,7 +29,6 @@ from workflows import tags as tag
 from workflows import tracking
 from workflows.spec import WorkflowSpec
 
-STAGE_ORDER = ("preprocess", "pretrain", "finetune", "evaluate")
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +112,10 @@ class WorkflowRunner:
 
     def _stage_names(self) -> list[str]:
         names = [f"preprocess:{name}" for name in self.spec.preprocess]
-        return names + [s for s in STAGE_ORDER[1:] if getattr(self.spec, s) is not None]
+        return names + [stage.name for stage in TRAINING_STAGES if self._section(stage) is not None]
+
+    def _section(self, stage: TrainingStage):
+        return getattr(self.spec, stage.name)  # the spec's typed section of that name (pydantic field)
 
     # --- the whole run ---------------------------------------------------------------------------
 
@@ -170,8 +172,8 @@ class WorkflowRunner:
         status = "FAILED"
         try:
             self._preprocess_all()
-            for stage in ("pretrain", "finetune", "evaluate"):
-                if getattr(self.spec, stage) is not None:
+            for stage in TRAINING_STAGES:
+                if self._section(stage) is not None:
                     self._run_stage(stage)
             status = "FINISHED"
         finally:
@@ -282,30 +284,28 @@ class WorkflowRunner:
         tracking.log_artifacts(self.tracking_uri, run_id, [Path(summary["out"]) / "dataset.json"], "dataset")
         tracking.end_run(self.tracking_uri, run_id)
 
-    def _run_stage(self, stage: str) -> StageResult:
-        section = getattr(self.spec, stage)
+    def _run_stage(self, stage: TrainingStage) -> StageResult:
+        section = self._section(stage)
         dataset = self.results[f"preprocess:{section.dataset}"]
         inputs: list[Any] = [dataset.dataset_fingerprint]
-        if stage == "finetune":
-            inputs.append(section.pretrained or self.results["pretrain"].model_uri)
-        if stage == "evaluate":
-            inputs.append(section.model or self.results["finetune"].model_uri)
-        stage_fp = fingerprint(stage, section.model_dump(mode="json"), inputs, self.code)
-        cached = self._cached(stage, stage_fp)
+        if stage.model_key:  # the model it starts from: named in its section, or the upstream stage's
+            inputs.append(getattr(section, stage.model_key) or self.results[stage.model_from].model_uri)
+        stage_fp = fingerprint(stage.name, section.model_dump(mode="json"), inputs, self.code)
+        cached = self._cached(stage.name, stage_fp)
         if cached is not None:
-            self.results[stage] = cached
-            self.on_event(stage, "reused", self.run_link(cached.run_id))
+            self.results[stage.name] = cached
+            self.on_event(stage.name, "reused", self.run_link(cached.run_id))
             return cached
-        self.on_event(stage, "running", "")
-        name = self._name(stage, stage_fp)
+        self.on_event(stage.name, "running", "")
+        name = self._name(stage.name, stage_fp)
         common = {"tracking": {**self.spec.tracking.model_dump(), "uri": self.tracking_uri}}
-        fields = section.model_dump(exclude={"dataset", "pretrained"} if stage == "finetune" else {"dataset"})
+        fields = section.model_dump(exclude={"dataset", *([stage.model_key] if stage.model_key else [])})
         try:
-            result = getattr(self, f"_{stage}")(name, fields, dataset, common, inputs, stage_fp)
+            result = stage.run(self, name, fields, dataset, common, inputs, stage_fp)
         except Exception:
-            self.on_event(stage, "failed", "")
+            self.on_event(stage.name, "failed", "")
             raise
-        return self._finish(stage, stage_fp, result)
+        return self._finish(stage.name, stage_fp, result)
 
     def _pretrain(self, name, fields, dataset, common, inputs, stage_fp) -> StageResult:
         from workflows.pretrain import PretrainConfig, run_pretrain
@@ -341,6 +341,26 @@ class WorkflowRunner:
         return StageResult(stage="evaluate", run_id=result.run_id, fingerprint=stage_fp,
                            dataset_fingerprint=dataset.dataset_fingerprint,
                            metrics={f"{config.split}/top1": result.top1, f"{config.split}/top5": result.top5})
+
+
+@dataclass(frozen=True)
+class TrainingStage:
+    """A stage after preprocessing, as the runner sees it: the spec section of its name, the model it starts
+    from (its section's ``model_key``, else the result of stage ``model_from``) and its adapter, which turns
+    the section into the stage's own typed config, runs it, and returns a ``StageResult``."""
+
+    name: str
+    run: Callable[..., StageResult]
+    model_key: str | None = None
+    model_from: str | None = None
+
+
+# In order: each may take the one before's model. A new stage is a row here and an adapter above.
+TRAINING_STAGES = (
+    TrainingStage("pretrain", WorkflowRunner._pretrain),
+    TrainingStage("finetune", WorkflowRunner._finetune, model_key="pretrained", model_from="pretrain"),
+    TrainingStage("evaluate", WorkflowRunner._evaluate, model_key="model", model_from="finetune"),
+)
 
 
 def preprocess_task(source: str, out: str, config: dict, workers: int | None) -> dict:
