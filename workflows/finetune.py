@@ -21,20 +21,17 @@ import math
 import statistics
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
-
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_serializer, field_validator, model_validator
+from typing import Any
 
 from vit import ViTConfig, gflops
 from vit.data import DataConfig, check_dataset, read_dataset_index
-from vit.finetune import FinetuneConfig, FinetuneMode, paper_finetune_optim
+from vit.finetune import FinetuneConfig
 from vit.loop import TrainConfig
-from vit.optim import OptimConfig
 from workflows import tags as tag
 from workflows import tracking
-from workflows.configs import Resources, Tracking, absolute_uri, load_yaml_config
+from workflows.configs import METRIC, MODES, FinetuneSearchConfig, Resources, absolute_uri, load_yaml_config
 from workflows.training import (
     PretrainedStart,
     WorkerSpec,
@@ -47,171 +44,6 @@ from workflows.training import (
 log = logging.getLogger(__name__)
 
 TRIAL_DRIVER_RESOURCE = "vitflow_trial_driver"
-METRIC = "val/top1"
-MODES = {"val/top1": "max", "val/loss": "min"}  # what a search may compare trials on, and which way is better
-# Fields of the stage's own configs that the search sets for every trial, with what sets them and what to
-# do instead: each is refused in the section (a value there would be overwritten) and as a search choice,
-# but for optim.lr: a choice of values in place of search.lr's draw (e.g. a divergence drill's lr).
-SEARCH_OWNED = {
-    "image_size": ("the search's search.image_size chooses the resolution (each trial's data and model)", "remove it"),
-    "data.image_size": ("the search's search.image_size chooses the resolution (each trial's data and model)", "remove it"),
-    "optim.lr": ("the search's search.lr chooses the learning rate (each trial draws one between its min and max)",
-                 "remove it"),
-    "train.optim": ("the optimiser is given in one place, the section's optim (finetune.optim in a workflow spec)",
-                    "move it there"),
-}
-# What the search itself reads from the section (ASHA's max_t, when a trial has finished, the checks that
-# checkpoints fall on evaluations): the same for every trial, so never a choice.
-SECTION_WIDE = ("train.total_steps", "train.eval_every", "train.checkpoint_every")
-
-
-class LogUniform(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    min: float = Field(..., gt=0)
-    max: float = Field(..., gt=0)
-
-    @model_validator(mode="after")
-    def _ordered(self) -> LogUniform:
-        if self.min >= self.max:
-            raise ValueError(f"min {self.min} must be below max {self.max}")
-        return self
-
-
-class Scheduler(BaseModel):
-    """ASHA on validation top-1; rungs are counted in training steps."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    grace_period: int = Field(..., ge=1, description="steps every trial runs before it may be stopped")
-    reduction_factor: float = Field(2, gt=1)
-
-
-class SearchConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    image_size: list[PositiveInt] = Field(..., min_length=1, description="fine-tuning resolutions to choose from")
-    lr: LogUniform
-    choices: dict[str, list[Any]] = Field(default_factory=dict, description="more fields by dotted name (data.X, train.X, optim.X) or mode, e.g. train.label_smoothing; optim.lr replaces the lr draw")
-    num_samples: int = Field(4, ge=1)
-    max_concurrent_trials: int = Field(2, ge=1)
-    scheduler: Scheduler | None = None
-    search_alg: Literal["random", "optuna"] = "random"
-    max_failures: int = Field(1, ge=0, description="retries of a failed trial")
-    seed: int = 0
-    metric: Literal["val/top1", "val/loss"] = Field(
-        METRIC, description="what ASHA stops trials on and the best trial is chosen by; val/loss when a small "
-                            "validation set makes top-1 tie (every early trial predicting the same class)")
-
-    @field_validator("choices")
-    @classmethod
-    def _known_fields(cls, choices: dict[str, list[Any]]) -> dict[str, list[Any]]:
-        configs = {"data": DataConfig, "train": TrainConfig, "optim": OptimConfig}
-        problems = []
-        for name, values in choices.items():
-            section, _, key = name.partition(".")
-            if name == "mode":  # full or linear_probe, per trial
-                pass
-            elif section not in configs or not key:
-                problems.append(f"{name}: choices name fields as data.X, train.X, optim.X or mode")
-            elif key not in {field.name for field in fields(configs[section])}:
-                problems.append(f"{name}: {configs[section].__name__} has no field {key!r}")
-            elif name in SEARCH_OWNED and name != "optim.lr":  # optim.lr: a grid in place of search.lr's draw
-                problems.append(f"{name}: not a choice: {SEARCH_OWNED[name][0]}")
-            elif name in SECTION_WIDE:
-                problems.append(f"{name}: not a choice: the search schedules every trial by the section's {name}")
-            if not values:
-                problems.append(f"{name}: give at least one value")
-        if problems:
-            raise ValueError("; ".join(problems))
-        return choices
-
-
-class FinetuneSettings(BaseModel):
-    """What the search does: recipe, data, schedule, search space and resources (the spec's section).
-
-    The recipe's fields (``vit.finetune.FinetuneConfig`` but its image size, which the search chooses) sit
-    in the section itself; :meth:`recipe` puts them together for one resolution."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    train_split: str = "train"
-    val_split: str = "val"
-    test_split: str = "test"
-    mode: FinetuneMode = "full"
-    optim: OptimConfig = Field(default_factory=paper_finetune_optim,
-                               description="every trial's optimiser (Appendix B.1.1); search.lr sets its lr")
-    data: DataConfig = DataConfig()
-    train: TrainConfig
-    search: SearchConfig
-    resources: Resources = Resources()
-    register_as: str | None = "vit-finetuned"
-    champion_alias: str = "champion"
-
-    @model_validator(mode="before")
-    @classmethod
-    def _no_owned_keys(cls, data: Any) -> Any:
-        """Keys that would be overwritten are refused by name, with where their value goes instead."""
-        if not isinstance(data, dict):
-            return data
-        problems = []
-        if "finetune" in data:  # the spelling before the recipe's fields moved up into the section
-            problems.append("finetune: the recipe's keys now sit directly in the fine-tune section: write "
-                            "finetune.optim / finetune.mode (optim: and mode: beside train: and search:)")
-        for name, (reason, remedy) in SEARCH_OWNED.items():
-            if _holds(data, name):
-                problems.append(f"{name}: {reason}: {remedy}")
-        if problems:
-            raise ValueError("; ".join(problems))
-        return data
-
-    @field_serializer("data", "train", "optim", mode="wrap")
-    def _without_owned_keys(self, value: Any, handler, info) -> Any:
-        """A dump (the stage's fingerprint, the trials' copy of the configuration) is a valid section again:
-        it leaves out what the section refuses (data.image_size, train.optim, optim.lr)."""
-        return {key: field for key, field in handler(value).items() if f"{info.field_name}.{key}" not in SEARCH_OWNED}
-
-    @model_validator(mode="after")
-    def _consistent(self):
-        # The trials train with the section's optim: TrainConfig holds it (and checks its warmup_steps
-        # against total_steps here, at load, not in a trial).
-        object.__setattr__(self, "train", replace(self.train, optim=self.optim))
-        self.recipe(self.search.image_size[0])  # e.g. linear_probe with optim.layer_decay, named at load
-        if self.search.scheduler and self.search.scheduler.grace_period > self.train.total_steps:
-            raise ValueError(f"search.scheduler.grace_period {self.search.scheduler.grace_period} exceeds "
-                             f"train.total_steps {self.train.total_steps}")
-        if not self.train.eval_every:
-            raise ValueError("train.eval_every must be set: the search compares trials on validation top-1")
-        if self.train.checkpoint_every % self.train.eval_every:
-            raise ValueError(f"train.checkpoint_every {self.train.checkpoint_every} must be a multiple of "
-                             f"train.eval_every {self.train.eval_every}: trials report to Tune at evaluations")
-        return self
-
-    def recipe(self, image_size: int) -> FinetuneConfig:
-        """The paper's recipe at one of the search's resolutions."""
-        return FinetuneConfig(image_size=image_size, mode=self.mode, optim=self.optim)
-
-
-def _holds(data: dict[str, Any], dotted: str) -> bool:
-    """Whether the raw section ``data`` gives the key at the dotted path."""
-    *parents, key = dotted.split(".")
-    for parent in parents:
-        data = data.get(parent)
-        if not isinstance(data, dict):
-            return False
-    return key in data
-
-
-class FinetuneSearchConfig(FinetuneSettings):
-    """``vitflow finetune CONFIG``: the search, validated before anything starts."""
-
-    name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-    pretrained: str = Field(..., description="models:/vit-pretrained/3, models:/vit-pretrained@alias, runs:/<id>/model or a folder")
-    dataset: str = Field(..., description="the downstream shard folder")
-    storage_path: str = "vitflow-runs"
-    tracking: Tracking = Tracking()
-
-
 @dataclass(frozen=True)
 class FinetuneResult:
     search_run_id: str

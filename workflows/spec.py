@@ -25,8 +25,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pipeline.config import ShardConfig
-from workflows.configs import PretrainSettings, Tracking
-from workflows.finetune import FinetuneSettings
+from workflows.configs import FinetuneSettings, PretrainSettings, Tracking
 
 MODEL_URI = re.compile(r"models:/[^/@\s]+(/\d+|@[A-Za-z0-9_-]+)|models:/m-[0-9a-f]+|runs:/[0-9a-f]+/\S+")  # fullmatch
 # user:password@ in a URI: it would be logged with the resolved spec. Credentials come from the environment.

@@ -140,7 +140,7 @@ def run(
     Finished stages whose configuration, inputs and code are unchanged are reused; a killed workflow
     run again continues where it stopped."""
     from workflows.cli.live import WorkflowConsole
-    from workflows.finetune import MODES
+    from workflows.configs import MODES
     from workflows.local_ray import DriverBusyError
     from workflows.runner import WorkflowRunner
     from workflows.spec import SpecError, load_spec
@@ -177,7 +177,8 @@ def finetune(
     """Fine-tune a pre-trained ViT with a Ray Tune search over resolution and learning rate; register the
     best trial as vit-finetuned (alias champion when it beats the current one on the same test split)."""
     from workflows.cli.live import WorkflowConsole
-    from workflows.finetune import MODES, load_config, run_finetune
+    from workflows.configs import MODES
+    from workflows.finetune import load_config, run_finetune
     from workflows.local_ray import DriverBusyError
 
     settings = _load_stage_config(config, load_config)
