@@ -38,7 +38,7 @@ from workflows.training import (
     newest_persisted_checkpoint,
     persisted_checkpoints,
     train_in_trial,
-    train_worker,
+    torch_trainer,
 )
 
 log = logging.getLogger(__name__)
@@ -291,27 +291,12 @@ def in_process_trials(resources: Resources) -> bool:
 
 
 def _fit_worker_group(config: FinetuneSearchConfig, trial_id: str, spec: WorkerSpec) -> None:
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-
-    resources = config.resources
-    TorchTrainer(
-        train_worker,
-        train_loop_config={"spec": spec},
-        scaling_config=ScalingConfig(
-            num_workers=resources.num_workers, use_gpu=resources.use_gpu,
-            resources_per_worker=resources.per_worker(),
-        ),
-        run_config=RunConfig(
-            name=f"{config.name}-{trial_id}",
-            storage_path=f"{absolute_uri(config.storage_path).rstrip('/')}/{config.name}-trials",
-            failure_config=FailureConfig(max_failures=0),  # Tune retries the whole trial
-            checkpoint_config=CheckpointConfig(num_to_keep=1),
-            callbacks=[TuneReportCallback()],
-        ),
-    ).fit()
+    torch_trainer(spec, config.resources, name=f"{config.name}-{trial_id}",
+                  storage_path=f"{absolute_uri(config.storage_path).rstrip('/')}/{config.name}-trials",
+                  max_failures=0,  # Tune retries the whole trial
+                  checkpoints_to_keep=1, callbacks=[TuneReportCallback()]).fit()
 
 
 def _finished_trial_result(uri: str, run_id: str, trial_storage: str, total_steps: int) -> dict[str, Any] | None:

@@ -23,7 +23,7 @@ from vit.data import check_dataset, read_dataset_index
 from workflows import tags as tag
 from workflows import tracking
 from workflows.configs import PretrainConfig, absolute_uri, load_yaml_config
-from workflows.training import WorkerSpec, system_tags, train_worker
+from workflows.training import WorkerSpec, system_tags, torch_trainer
 
 
 @dataclass(frozen=True)
@@ -45,9 +45,6 @@ def load_config(path: str | Path) -> PretrainConfig:
 
 def run_pretrain(config: PretrainConfig, *, parent_run_id: str | None = None, console=None) -> PretrainResult:
     """Pre-train on Ray Train; log and register the model. Resumes an interrupted run of the same name."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     from workflows.evaluate import log_model_figures, preprocessing_of
 
     index = read_dataset_index(config.dataset)
@@ -93,21 +90,8 @@ def run_pretrain(config: PretrainConfig, *, parent_run_id: str | None = None, co
         fail_at_step=config.fail_at_step,
         fault_marker=f"{Path(config.storage_path).resolve()}/{config.name}.fault-injected" if config.fail_at_step else None,
     )
-    trainer = TorchTrainer(
-        train_worker,
-        train_loop_config={"spec": spec},
-        scaling_config=ScalingConfig(
-            num_workers=config.resources.num_workers,
-            use_gpu=config.resources.use_gpu,
-            resources_per_worker=config.resources.per_worker(),
-        ),
-        run_config=RunConfig(
-            name=config.name,
-            storage_path=storage,
-            failure_config=FailureConfig(max_failures=config.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=config.checkpoints_to_keep),
-        ),
-    )
+    trainer = torch_trainer(spec, config.resources, name=config.name, storage_path=storage,
+                            max_failures=config.max_failures, checkpoints_to_keep=config.checkpoints_to_keep)
     try:
         result = trainer.fit()
     except Exception:

@@ -131,6 +131,24 @@ def train_worker(config: dict[str, WorkerSpec]) -> None:
                               node=f"rank{rank}-node{ray.get_runtime_context().get_node_id()[:8]}"))
 
 
+def torch_trainer(spec: WorkerSpec, resources, *, name: str, storage_path: str, max_failures: int,
+                  checkpoints_to_keep: int, callbacks=()):
+    """The one Ray Train ``TorchTrainer`` vitflow builds: ``train_worker`` on ``resources.num_workers``
+    DDP workers (each holding ``resources.per_worker()``), checkpoints persisted under
+    ``storage_path/name`` (a rerun of the same name resumes there), ``max_failures`` worker-group restarts."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    return TorchTrainer(
+        train_worker,
+        train_loop_config={"spec": spec},
+        scaling_config=ScalingConfig(num_workers=resources.num_workers, use_gpu=resources.use_gpu,
+                                     resources_per_worker=resources.per_worker()),
+        run_config=RunConfig(name=name, storage_path=storage_path, failure_config=FailureConfig(max_failures=max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=checkpoints_to_keep), callbacks=list(callbacks)),
+    )
+
+
 def train_in_trial(spec: WorkerSpec, *, cpus: float, use_gpu: bool) -> None:
     """A single-worker Tune trial trained in the trial's own process: no Ray Train controller and worker
     group to start for it (on 2 cores those cost ~15 s a trial, most of a short trial's time). Metrics go
