@@ -143,19 +143,6 @@ def runs_with_tags(tracking_uri: str, experiment: str, tags: Mapping[str, str], 
     return mlflow_client.search_runs([found.experiment_id], filter_string=query, order_by=["attributes.start_time DESC"])
 
 
-def latest_step(tracking_uri: str, experiment: str, stage: str, parent_run_id: str) -> str:
-    """'step N, loss L' of the newest training run of ``stage`` under ``parent_run_id`` (for live views)."""
-    runs = runs_with_tags(tracking_uri, experiment, {tag.STAGE: stage, tag.PARENT_RUN: parent_run_id})
-    if not runs:
-        return ""
-    metrics = runs[0].data.metrics
-    if "train/loss" not in metrics:
-        return "starting"
-    history = client(tracking_uri).get_metric_history(runs[0].info.run_id, "train/loss")
-    last = max(history, key=lambda m: m.step)
-    return f"step {last.step}, loss {last.value:.3f}"
-
-
 def run_status(tracking_uri: str, run_id: str) -> str:
     return client(tracking_uri).get_run(run_id).info.status
 
