@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 
 from tests.faults.conftest import VITFLOW, checkpoint_steps, vitflow, wait_for
 from vit import ViTConfig, VisionTransformer
-from workflows import tracking
+from workflows.tracking.models import _write_plain_model
 from workflows.local_ray import processes_under, temp_root
 
 pytestmark = pytest.mark.slow
@@ -99,7 +99,7 @@ def test_a_killed_search_resumes_with_its_finished_trials(tmp_path, flowers_sour
     pretrained = tmp_path / "pretrained"
     pretrained.mkdir()
     model = VisionTransformer(ViTConfig(image_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=10))
-    tracking._write_plain_model(pretrained, model, [str(i) for i in range(10)], {"mean": NORM["mean"], "std": NORM["std"]})
+    _write_plain_model(pretrained, model, [str(i) for i in range(10)], {"mean": NORM["mean"], "std": NORM["std"]})
     num_samples = 6  # trials finish in seconds: enough of them that the search is still going at the kill
     spec = tmp_path / "spec.yaml"
     spec.write_text(yaml.safe_dump({

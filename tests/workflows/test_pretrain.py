@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from vit import VisionTransformer, probe, resolve_precision
 from workflows import tracking
 from workflows.pretrain import PretrainConfig, run_pretrain
+from workflows.tracking.runs import _using
 
 
 def config(tmp_path, shards, name: str, **changes) -> PretrainConfig:
@@ -68,7 +69,7 @@ def test_two_workers_learn_register_and_reload(tmp_path, cifar_shards, local_ray
     model = VisionTransformer(plain.config).eval()
     model.load_state_dict(plain.state_dict)
     images = torch.randn(3, 3, 32, 32)
-    with tracking._using(uri):
+    with _using(uri):
         served = mlflow.pytorch.load_model(f"models:/vit-pretrained/{result.version}")
         predicted = mlflow.pyfunc.load_model(f"models:/vit-pretrained/{result.version}").predict(images.numpy())
     with torch.no_grad():
