@@ -136,3 +136,39 @@ def test_frameworks_are_imported_only_by_their_owners(framework):
 def owns(owner: str, path: str) -> bool:
     """An owner is a module, or a package (a path ending in /) with every module in it."""
     return path.startswith(owner) if owner.endswith("/") else path == owner
+
+
+# workflows/ in layers, lowest first. A module imports only from lower layers (inside the tracking and cli
+# packages, its own package too); so the stages never import each other, and nothing imports the CLI.
+LAYERS = (
+    ("configs", ("workflows.configs", "workflows.tags")),
+    ("spec", ("workflows.spec",)),
+    ("tracking", ("workflows.tracking",)),
+    ("compute", ("workflows.local_ray", "workflows.jobs", "workflows.training", "workflows.ui")),
+    ("stages", ("workflows.pretrain", "workflows.finetune", "workflows.evaluate", "workflows.preflight")),
+    ("runner", ("workflows.runner",)),
+    ("cli", ("workflows.cli",)),
+)
+
+
+def layer_of(module: str) -> tuple[int, str]:
+    """(layer index, the layer's member the module is or belongs to) for a workflows module."""
+    for index, (_, members) in enumerate(LAYERS):
+        for member in members:
+            if module == member or module.startswith(member + "."):
+                return index, member
+    raise AssertionError(f"{module} is in no layer of workflows/: place it in LAYERS (tests/test_layering.py)")
+
+
+def test_workflows_imports_go_down_the_layers():
+    graph = import_graph()
+    wrong = []
+    for module, imported in sorted(graph.items()):
+        if module == "workflows" or not module.startswith("workflows"):
+            continue
+        level, home = layer_of(module)
+        for other in sorted(m for m in imported if m.startswith("workflows.")):
+            other_level, other_home = layer_of(other)
+            if other_level > level or (other_level == level and other_home != home):
+                wrong.append(f"{module} ({LAYERS[level][0]}) imports {other} ({LAYERS[other_level][0]})")
+    assert not wrong, "\n".join(wrong)

@@ -1,4 +1,4 @@
-"""The evaluation stage (``vitflow evaluate MODEL_URI DATASET``) and the ViT figures every logged model gets.
+"""The evaluation stage (``vitflow evaluate MODEL_URI DATASET``).
 
 Evaluation logs a child run of the model's own run: top-1, top-5, per-class accuracy, the confusion
 matrix (PNG and Parquet table) and the paper's Figure 6/7 views of the model (``vit.figures``).
@@ -10,7 +10,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from vit.data import IMAGENET_MEAN, IMAGENET_STD, DataConfig, check_class_map, eval_loader, read_dataset_index
+from vit.data import check_class_map, eval_loader, read_dataset_index
 from workflows import tags as tag
 from workflows import tracking
 from workflows.configs import EvaluateConfig
@@ -25,33 +25,6 @@ class EvaluateResult:
     num_samples: int
 
 
-def model_data_config(preprocessing: dict, image_size: int, batch_size: int) -> DataConfig:
-    """Evaluation inputs as the model was trained: its resolution, normalisation and centre crop."""
-    return DataConfig(
-        batch_size=batch_size, num_workers=0, image_size=image_size,
-        mean=tuple(preprocessing.get("mean", IMAGENET_MEAN)), std=tuple(preprocessing.get("std", IMAGENET_STD)),
-        crop_pct=preprocessing.get("crop_pct", 0.875),
-    )
-
-
-def preprocessing_of(data: DataConfig) -> dict:
-    return {"image_size": data.image_size, "mean": list(data.mean), "std": list(data.std), "crop_pct": data.crop_pct}
-
-
-def log_model_figures(tracking_uri: str, run_id: str, model, dataset: str, split: str, data: DataConfig,
-                      num_images: int = 8) -> list[str]:
-    """The paper's Figure 7 (patch-embedding PCs, position-embedding similarity, attention distance) and
-    Figure 6 (attention rollout over a few images of ``split``) as PNG artifacts under ``figures/``."""
-    from vit.figures import write_vit_figures
-    loader = eval_loader(dataset, DataConfig.from_dict({**data.to_dict(), "batch_size": num_images, "num_workers": 0}),
-                         rank=0, world_size=1, split=split)
-    images = next(iter(loader))[0]  # (n, C, H, W), normalised
-    with tempfile.TemporaryDirectory() as tmp:
-        paths = write_vit_figures(model.eval(), images, tmp, mean=data.mean, std=data.std, rollout_images=num_images)
-        tracking.log_artifacts(tracking_uri, run_id, list(paths.values()), "figures")
-    return [f"figures/{path.name}" for path in paths.values()]
-
-
 def run_evaluate(config: EvaluateConfig, *, parent_run_id: str | None = None) -> EvaluateResult:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -64,7 +37,7 @@ def run_evaluate(config: EvaluateConfig, *, parent_run_id: str | None = None) ->
     index.split(config.split)
     check_class_map(plain.class_names, index.class_names, f"model {config.model}", f"dataset {config.dataset}")
     model = model_from_checkpoint(plain.state_dict, plain.config)
-    data = model_data_config(plain.preprocessing, plain.config.image_size[0], config.batch_size)
+    data = tracking.model_data_config(plain.preprocessing, plain.config.image_size[0], config.batch_size)
     logits, labels = predict(model, eval_loader(config.dataset, data, rank=0, world_size=1, split=config.split))
     metrics = classification_metrics(logits, labels, list(index.class_names))
 
@@ -89,7 +62,7 @@ def run_evaluate(config: EvaluateConfig, *, parent_run_id: str | None = None) ->
                                  **{predicted: [row[j] for row in confusion] for j, predicted in enumerate(index.class_names)},
                                  "accuracy": [per_class[name] for name in index.class_names]}), table)
         tracking.log_artifacts(uri, run_id, [png, table], "evaluation")
-    log_model_figures(uri, run_id, model, config.dataset, config.split, data, config.figure_images)
+    tracking.log_model_figures(uri, run_id, model, config.dataset, config.split, data, config.figure_images)
     tracking.end_run(uri, run_id)
     return EvaluateResult(run_id=run_id, top1=metrics.top1, top5=metrics.top5, per_class_accuracy=per_class,
                           num_samples=metrics.num_samples)

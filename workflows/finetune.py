@@ -396,7 +396,6 @@ def _conclude(config: FinetuneSearchConfig, grid, pretrained, index, tracking_ur
     from vit.checkpoint import model_from_checkpoint
     from vit.data import eval_loader
     from vit.loop import evaluate
-    from workflows.evaluate import log_model_figures, preprocessing_of
 
     rows = trials_table(grid)
     for row in rows:
@@ -439,8 +438,8 @@ def _conclude(config: FinetuneSearchConfig, grid, pretrained, index, tracking_ur
                                  {tag.TRIAL_ID: best["trial_id"], tag.SEARCH_RUN_ID: search_run_id})
     best_run = best_run or search_run_id
     tracking.log_metrics(tracking_uri, best_run, {"test/top1": test["top1"], "test/top5": test["top5"]})
-    logged = tracking.log_vit_model(tracking_uri, best_run, model, list(index.class_names), preprocessing=preprocessing_of(data))
-    log_model_figures(tracking_uri, best_run, model, config.dataset, config.val_split, data)
+    logged = tracking.log_vit_model(tracking_uri, best_run, model, list(index.class_names), preprocessing=tracking.preprocessing_of(data))
+    tracking.log_model_figures(tracking_uri, best_run, model, config.dataset, config.val_split, data)
     version, champion = None, False
     if config.register_as:
         test_key = f"{index.fingerprint}:{config.test_split}"

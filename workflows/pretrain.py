@@ -45,7 +45,6 @@ def load_config(path: str | Path) -> PretrainConfig:
 
 def run_pretrain(config: PretrainConfig, *, parent_run_id: str | None = None, console=None) -> PretrainResult:
     """Pre-train on Ray Train; log and register the model. Resumes an interrupted run of the same name."""
-    from workflows.evaluate import log_model_figures, preprocessing_of
 
     index = read_dataset_index(config.dataset)
     # A dataset that cannot train a classifier fails here, naming it, before MLflow or Ray are touched.
@@ -117,8 +116,8 @@ def run_pretrain(config: PretrainConfig, *, parent_run_id: str | None = None, co
                 tracking.send_metrics(tracking_uri, spilled_run, spilled)
             (offline / tracking.OFFLINE_METRICS).unlink()
         logged = tracking.log_vit_model(tracking_uri, run_id, model, list(index.class_names),
-                                        preprocessing=preprocessing_of(config.data))
-        log_model_figures(tracking_uri, run_id, model, config.dataset, config.val_split, config.data)
+                                        preprocessing=tracking.preprocessing_of(config.data))
+        tracking.log_model_figures(tracking_uri, run_id, model, config.dataset, config.val_split, config.data)
         version = None
         if config.register_as:
             version = tracking.register_model(tracking_uri, logged.model_uri, config.register_as, tags, run_id)
@@ -128,7 +127,7 @@ def run_pretrain(config: PretrainConfig, *, parent_run_id: str | None = None, co
             raise
         # Training is done and must not be lost to a tracking outage: keep the model for `vitflow upload`.
         bundle = tracking.save_offline(offline, tracking_uri=tracking_uri, run_id=run_id, model=model,
-                                       class_names=list(index.class_names), preprocessing=preprocessing_of(config.data),
+                                       class_names=list(index.class_names), preprocessing=tracking.preprocessing_of(config.data),
                                        register_as=config.register_as, tags=tags, stage="pretrain")
         print(f"MLflow at {tracking_uri} is unreachable ({error}). Pre-training finished; its checkpoints are in "
               f"{storage}/{config.name} and the model and unsent metrics in {bundle}. When the server is back, "

@@ -16,7 +16,7 @@ from vit import VisionTransformer, decode_variant
 from vit.data import DataConfig, eval_loader, train_loader
 from vit.loop import TrainConfig, fit
 from workflows import tracking
-from workflows.evaluate import EvaluateConfig, preprocessing_of, run_evaluate
+from workflows.evaluate import EvaluateConfig, run_evaluate
 
 NORM = {"mean": (0.5, 0.45, 0.4), "std": (0.25, 0.25, 0.25)}
 
@@ -33,7 +33,7 @@ def trained(tmp_path_factory, flowers_shards):
     run_id = tracking.start_run(uri, "eval-test", "train")
     environment = dict(os.environ)
     logged = tracking.log_vit_model(uri, run_id, model, json.load(open(flowers_shards / "dataset.json"))["class_names"],
-                                    preprocessing=preprocessing_of(data))
+                                    preprocessing=tracking.preprocessing_of(data))
     version = tracking.register_model(uri, logged.model_uri, "vit-finetuned", {}, run_id)
     tracking.end_run(uri, run_id)
     # MLflow's fluent API exports MLFLOW_TRACKING_URI; vitflow must not leave it behind for later work

@@ -62,7 +62,8 @@ from workflows.tracking.system import SYSTEM_METRICS_INTERVAL_S, SystemMetrics, 
 # neither, so these names load on first use (PEP 562).
 _LAZY = {
     **dict.fromkeys(("CLASSES_FILE", "CONFIG_FILE", "PREPROCESSING_FILE", "WEIGHTS_FILE", "LoggedModel",
-                     "PlainModel", "load_plain_model", "log_vit_model", "logged_model_config"), "models"),
+                     "PlainModel", "load_plain_model", "log_model_figures", "log_vit_model", "logged_model_config",
+                     "model_data_config", "preprocessing_of"), "models"),
     **dict.fromkeys(("OFFLINE_MANIFEST", "Uploaded", "save_offline", "upload_offline"), "offline"),
 }
 

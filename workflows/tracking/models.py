@@ -23,7 +23,8 @@ from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
 
 from vit import ViTConfig, VisionTransformer
 from vit.checkpoint import load_weights_only
-from workflows.tracking.runs import _using, client, missing_store
+from vit.data import IMAGENET_MEAN, IMAGENET_STD, DataConfig, eval_loader
+from workflows.tracking.runs import _using, client, log_artifacts, missing_store
 
 WEIGHTS_FILE = "weights.pt"
 CONFIG_FILE = "vit_config.json"
@@ -171,3 +172,34 @@ def load_plain_model(tracking_uri: str, model_uri: str) -> PlainModel:
     preprocessing = json.loads((folder / PREPROCESSING_FILE).read_text()) if (folder / PREPROCESSING_FILE).is_file() else {}
     return PlainModel(config=config, state_dict=state_dict, class_names=class_names, source_uri=model_uri,
                       preprocessing=preprocessing)
+
+
+# --- what a logged model carries besides its weights: its preprocessing and the paper's figures ---
+
+
+def model_data_config(preprocessing: dict, image_size: int, batch_size: int) -> DataConfig:
+    """Evaluation inputs as the model was trained: its resolution, normalisation and centre crop."""
+    return DataConfig(
+        batch_size=batch_size, num_workers=0, image_size=image_size,
+        mean=tuple(preprocessing.get("mean", IMAGENET_MEAN)), std=tuple(preprocessing.get("std", IMAGENET_STD)),
+        crop_pct=preprocessing.get("crop_pct", 0.875),
+    )
+
+
+def preprocessing_of(data: DataConfig) -> dict:
+    return {"image_size": data.image_size, "mean": list(data.mean), "std": list(data.std), "crop_pct": data.crop_pct}
+
+
+def log_model_figures(tracking_uri: str, run_id: str, model, dataset: str, split: str, data: DataConfig,
+                      num_images: int = 8) -> list[str]:
+    """The paper's Figure 7 (patch-embedding PCs, position-embedding similarity, attention distance) and
+    Figure 6 (attention rollout over a few images of ``split``) as PNG artifacts under ``figures/``."""
+    from vit.figures import write_vit_figures
+
+    loader = eval_loader(dataset, DataConfig.from_dict({**data.to_dict(), "batch_size": num_images, "num_workers": 0}),
+                         rank=0, world_size=1, split=split)
+    images = next(iter(loader))[0]  # (n, C, H, W), normalised
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = write_vit_figures(model.eval(), images, tmp, mean=data.mean, std=data.std, rollout_images=num_images)
+        log_artifacts(tracking_uri, run_id, list(paths.values()), "figures")
+    return [f"figures/{path.name}" for path in paths.values()]
