@@ -186,7 +186,7 @@ class LogUniform(BaseModel):
 
 
 class Scheduler(BaseModel):
-    """ASHA on validation top-1; rungs are counted in training steps."""
+    """ASHA on the search's metric (search.metric); rungs are counted in training steps."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -288,7 +288,7 @@ class FinetuneSettings(BaseModel):
             raise ValueError(f"search.scheduler.grace_period {self.search.scheduler.grace_period} exceeds "
                              f"train.total_steps {self.train.total_steps}")
         if not self.train.eval_every:
-            raise ValueError("train.eval_every must be set: the search compares trials on validation top-1")
+            raise ValueError("train.eval_every must be set: the search compares trials on a validation metric")
         if self.train.checkpoint_every % self.train.eval_every:
             raise ValueError(f"train.checkpoint_every {self.train.checkpoint_every} must be a multiple of "
                              f"train.eval_every {self.train.eval_every}: trials report to Tune at evaluations")
