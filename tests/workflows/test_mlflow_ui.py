@@ -56,8 +56,8 @@ def test_the_ui_shows_the_workflow_its_stage_runs_and_both_models(tmp_path, mini
             assert "Version 1" in model_text, model_text[:3000]
         finetuned_text = browser.visible_text(browser.dump_dom(f"{server.url}/#/models/vit-finetuned"))
         assert "champion" in finetuned_text, finetuned_text[:3000]
-        assert MlflowClient(client.tracking_uri, registry_uri=client.tracking_uri).get_model_version_by_alias(
-            "vit-finetuned", "champion").version == "1"
+        assert str(MlflowClient(client.tracking_uri, registry_uri=client.tracking_uri).get_model_version_by_alias(
+            "vit-finetuned", "champion").version) == "1"
 
         shots = tmp_path / "screenshots"
         # The models' pages, not the list: on a first visit the list hides behind a dialog about the new registry UI.
