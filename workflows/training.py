@@ -239,11 +239,15 @@ def _train(spec: WorkerSpec, session: WorkerSession) -> None:
             resume_from=resume_dir, device=session.device, rank=rank,
             prepare_model=session.prepare_model, metadata=metadata, peak_flops=peak)
     finally:
+        away = buffer is not None and not buffer.healthy  # rank 0 knows whether the server is there
         if monitor is not None:
-            monitor.finish()
+            monitor.finish(last_sample=not away)
         if buffer is not None:
             spill = Path(spec.offline_dir) / tracking.OFFLINE_METRICS if spec.offline_dir else None
-            buffer.close(timeout_s=30.0, spill_path=spill)
+            # With a server known to be away and a file to spill to, spill at once: the stage waits for the
+            # server itself (tracking.offline_after_s) and sends what was spilled. A trial has no such file:
+            # it waits up to 30 s for the server rather than lose its metrics.
+            buffer.close(timeout_s=0.0 if away and spill is not None else 30.0, spill_path=spill)
         shutil.rmtree(local_checkpoints, ignore_errors=True)
 
 

@@ -38,8 +38,12 @@ class SystemMetrics:
     def __init__(self, monitor):
         self.monitor = monitor
 
-    def finish(self) -> None:
+    def finish(self, last_sample: bool = True) -> None:
+        """Stop sampling; log a last sample unless ``last_sample`` is false (the server is known to be
+        away: its retries would only delay the end of training)."""
         self.monitor.finish()  # stops and joins the sampling thread
+        if not last_sample:
+            return
         try:
             self.monitor.collect_metrics()
             self.monitor.publish_metrics(self.monitor.aggregate_metrics())
