@@ -51,7 +51,7 @@ def test_a_killed_workflow_resumes_pretraining_and_registers_one_version(tmp_pat
         "pretrain": {"dataset": "cifar", "model": {"variant": "Ti/4", "image_size": 32, "embed_dim": 96, "depth": 4, "num_heads": 3},
                      "data": {"batch_size": 32, "num_workers": 1, **NORM},
                      "resources": {"num_workers": 1, "cpus_per_worker": 2},
-                     "train": {"total_steps": 160, "log_every": 5, "checkpoint_every": 40, "eval_every": 40}},
+                     "train": {"total_steps": 120, "log_every": 5, "checkpoint_every": 40, "eval_every": 40}},
     }))
     workdir = tmp_path / "work"
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
@@ -76,7 +76,7 @@ def test_a_killed_workflow_resumes_pretraining_and_registers_one_version(tmp_pat
     pretrain_runs = runs_of(uri, "killed", "tags.`vitflow.stage` = 'pretrain'")
     assert len(pretrain_runs) == 1 and pretrain_runs[0].info.status == "FINISHED"  # the same run, resumed
     losses = sorted(client.get_metric_history(pretrain_runs[0].info.run_id, "train/loss"), key=lambda m: m.timestamp)
-    assert {m.step for m in losses} == set(range(5, 161, 5))
+    assert {m.step for m in losses} == set(range(5, 121, 5))
     before = [m.step for m in losses if m.timestamp / 1000 <= killed_at]
     after = [m for m in losses if m.timestamp / 1000 > killed_at]
     resumed_from = min(m.step for m in after) - 5
