@@ -145,7 +145,8 @@ LAYERS = (
     ("spec", ("workflows.spec",)),
     ("tracking", ("workflows.tracking",)),
     ("compute", ("workflows.local_ray", "workflows.jobs", "workflows.training", "workflows.ui")),
-    ("stages", ("workflows.pretrain", "workflows.finetune", "workflows.evaluate", "workflows.preflight")),
+    ("stages", ("workflows.preprocess", "workflows.pretrain", "workflows.finetune", "workflows.evaluate",
+                "workflows.preflight")),
     ("runner", ("workflows.runner",)),
     ("cli", ("workflows.cli",)),
 )

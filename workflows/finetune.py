@@ -32,6 +32,7 @@ from vit.loop import TrainConfig
 from workflows import tags as tag
 from workflows import tracking
 from workflows.configs import METRIC, MODES, FinetuneSearchConfig, Resources, absolute_uri, load_yaml_config
+from workflows.local_ray import TRIAL_DRIVER_RESOURCE, embedded_ray
 from workflows.training import (
     PretrainedStart,
     WorkerSpec,
@@ -43,7 +44,6 @@ from workflows.training import (
 
 log = logging.getLogger(__name__)
 
-TRIAL_DRIVER_RESOURCE = "vitflow_trial_driver"
 @dataclass(frozen=True)
 class FinetuneResult:
     search_run_id: str
@@ -93,7 +93,6 @@ def trial_configs(config: FinetuneSearchConfig, params: dict[str, Any], model: V
 
 def run_finetune(config: FinetuneSearchConfig, *, parent_run_id: str | None = None,
                  callbacks: Sequence[Any] = ()) -> FinetuneResult:
-    from workflows.local_ray import embedded_ray
 
     index = read_dataset_index(config.dataset)
     # A dataset that cannot train a classifier fails here, naming it, before MLflow or Ray are touched.

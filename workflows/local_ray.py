@@ -133,12 +133,17 @@ def driver_lock(workdir: str | Path) -> Iterator[bool]:
                 path.unlink()
 
 
+# A custom resource vitflow's own Ray declares (a cluster declares it on its head node, see cluster.yaml):
+# what a trial of several workers holds while its Ray Train workers hold the CPUs (workflows/finetune.py).
+TRIAL_DRIVER_RESOURCE = "vitflow_trial_driver"
+
+
 @contextlib.contextmanager
-def embedded_ray(workdir: str | Path, *, num_cpus: int | None = None,
+def embedded_ray(workdir: str | Path, *, address: str | None = None, num_cpus: int | None = None,
                  resources: Mapping[str, float] | None = None) -> Iterator[bool]:
-    """Ray for the block: the one already initialised in this process (yields False), the cluster named
-    by ``RAY_ADDRESS`` (a Ray Jobs driver), else a local head of this working directory's own, after
-    reaping a killed predecessor's (yields True: started here, shut down after).
+    """Ray for the block: the one already initialised in this process (yields False), the cluster at
+    ``address`` or ``RAY_ADDRESS`` (a Ray Jobs driver), else a local head of this working directory's own,
+    after reaping a killed predecessor's (yields True: started here, shut down after).
 
     With the dashboard: Ray Train V2's placement-group cleaner asks its State API whether a run's
     controller died (Tune's ASHA stops trials); without it their CPUs are never freed.
@@ -148,8 +153,11 @@ def embedded_ray(workdir: str | Path, *, num_cpus: int | None = None,
     if ray.is_initialized():
         yield False
         return
-    if os.environ.get("RAY_ADDRESS"):  # a Ray Jobs driver on a cluster: that cluster's Ray
-        ray.init(address=os.environ["RAY_ADDRESS"], logging_level="WARNING")
+    # A loaded machine can take longer than Ray Train's 60 s default to start a worker group.
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:  # a cluster (a Ray Jobs driver on one has RAY_ADDRESS): that cluster's Ray
+        ray.init(address=address, logging_level="WARNING")
         try:
             yield True
         finally:
@@ -160,8 +168,6 @@ def embedded_ray(workdir: str | Path, *, num_cpus: int | None = None,
         left = reap(root)
         if left:
             print(f"stopped {len(left)} Ray process(es) a killed vitflow driver left behind in {root}", flush=True)
-        # A loaded machine can take longer than Ray Train's 60 s default to start a worker group.
-        os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
         ray.init(address="local", num_cpus=num_cpus, resources=dict(resources or {}), include_dashboard=True,
                  _temp_dir=str(root), logging_level="WARNING")
         try:

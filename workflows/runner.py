@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -27,6 +26,8 @@ from typing import Any
 
 from workflows import tags as tag
 from workflows import tracking
+from workflows.local_ray import TRIAL_DRIVER_RESOURCE, embedded_ray
+from workflows.preprocess import log_preprocess, preprocess_task
 from workflows.spec import WorkflowSpec
 
 
@@ -130,25 +131,14 @@ class WorkflowRunner:
     def run(self, spec_text: str = "") -> dict[str, StageResult]:
         import ray
 
-        from workflows.finetune import TRIAL_DRIVER_RESOURCE
-        from workflows.local_ray import embedded_ray
-
-        self.preflight(ray_address=None if ray.is_initialized() else self.spec.ray.address or os.environ.get("RAY_ADDRESS"))
+        address = self.spec.ray.address or os.environ.get("RAY_ADDRESS")  # RAY_ADDRESS: a Ray Jobs driver
+        self.preflight(ray_address=None if ray.is_initialized() else address)
         self.workdir.mkdir(parents=True, exist_ok=True)
-        with contextlib.ExitStack() as stack:
-            if not ray.is_initialized():
-                # A loaded machine can take longer than Ray Train's 60 s default to start a worker group.
-                os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
-                address = self.spec.ray.address or os.environ.get("RAY_ADDRESS")  # set for Ray Jobs drivers
-                if address:
-                    ray.init(address=address, logging_level="WARNING")
-                    stack.callback(ray.shutdown)
-                else:
-                    # The workflow's own Ray (and driver lock): a rerun after a killed driver first stops
-                    # what that driver's Ray left behind.
-                    concurrency = self.spec.finetune.search.max_concurrent_trials if self.spec.finetune else 1
-                    stack.enter_context(embedded_ray(self.workdir, num_cpus=self.spec.ray.num_cpus,
-                                                     resources={TRIAL_DRIVER_RESOURCE: concurrency}))
+        # The workflow's own Ray (and driver lock) unless it names a cluster: a rerun after a killed driver
+        # first stops what that driver's Ray left behind.
+        concurrency = self.spec.finetune.search.max_concurrent_trials if self.spec.finetune else 1
+        with embedded_ray(self.workdir, address=address, num_cpus=self.spec.ray.num_cpus,
+                          resources={TRIAL_DRIVER_RESOURCE: concurrency}):
             return self._run_tracked(spec_text)
 
     def _run_tracked(self, spec_text: str) -> dict[str, StageResult]:
@@ -263,7 +253,7 @@ class WorkflowRunner:
                 tracking.end_run(self.tracking_uri, run_id, status="FAILED")
                 self.on_event(key, "failed", self.run_link(run_id))
                 raise
-            self._log_preprocess(run_id, summary)
+            log_preprocess(self.tracking_uri, run_id, summary)
             self._finish(key, stage_fp, StageResult(stage=key, run_id=run_id, fingerprint=stage_fp,
                                                     dataset_uri=summary["out"], dataset_fingerprint=summary["fingerprint"]))
 
@@ -273,16 +263,6 @@ class WorkflowRunner:
                                                                      tag.STAGE_NAME: stage})
         tracking.log_params(self.tracking_uri, run_id, params)
         return run_id
-
-    def _log_preprocess(self, run_id: str, summary: dict) -> None:
-        tracking.log_metrics(self.tracking_uri, run_id, {
-            "inputs": summary["num_inputs"], "sharded": summary["num_sharded"], "quarantined": summary["num_quarantined"],
-            "images_per_sec": summary["images_per_second"], "shards_built": summary["built"], "shards_reused": summary["reused"]})
-        tracking.set_tags(self.tracking_uri, run_id, {tag.DATASET_FINGERPRINT: summary["fingerprint"]})
-        tracking.log_dataset(self.tracking_uri, run_id, summary["out"], name=Path(summary["out"]).name,
-                             digest=summary["fingerprint"], context="shards")
-        tracking.log_artifacts(self.tracking_uri, run_id, [Path(summary["out"]) / "dataset.json"], "dataset")
-        tracking.end_run(self.tracking_uri, run_id)
 
     def _run_stage(self, stage: TrainingStage) -> StageResult:
         section = self._section(stage)
@@ -361,16 +341,6 @@ TRAINING_STAGES = (
     TrainingStage("finetune", WorkflowRunner._finetune, model_key="pretrained", model_from="pretrain"),
     TrainingStage("evaluate", WorkflowRunner._evaluate, model_key="model", model_from="finetune"),
 )
-
-
-def preprocess_task(source: str, out: str, config: dict, workers: int | None) -> dict:
-    """A preprocess stage as a Ray task: shards the corpus (its own shard tasks on the same Ray)."""
-    from pipeline import ShardConfig, write_shards
-
-    result = write_shards(source, out, ShardConfig.model_validate(config), workers=workers, progress=False)
-    return {"out": out, "fingerprint": result.info.fingerprint, "num_inputs": result.num_inputs,
-            "num_sharded": result.num_sharded, "num_quarantined": result.num_quarantined,
-            "images_per_second": result.images_per_second, "built": len(result.built), "reused": len(result.reused)}
 
 
 def _numbers(metrics: dict) -> dict[str, float]:
