@@ -31,6 +31,8 @@ from typing import Any
 
 from ray import tune
 
+from workflows.configs import MODES, FinetuneSettings
+
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 RAY_PREFIX = re.compile(r"^\((?P<actor>[\w.]+) pid=\d+(?:, ip=[\d.]+)?\)\s*")  # Ray's forwarded-line prefix
 RAY_REPEATED = re.compile(r"\s*\[repeated \d+x across cluster\]$")
@@ -247,8 +249,10 @@ class WorkflowConsole:
             self._last_worker_line = line
             self.say(line, self.training)
 
-    def search_progress(self, metric: str, mode: str, total_steps: int) -> SearchProgress:
-        return SearchProgress(lambda line: self.say(line, "finetune"), metric, mode, total_steps)
+    def search_progress(self, search: FinetuneSettings) -> SearchProgress:
+        """The view of ``search``: its trials ranked by its metric, each out of its total steps."""
+        metric = search.search.metric
+        return SearchProgress(lambda line: self.say(line, "finetune"), metric, MODES[metric], search.train.total_steps)
 
     # --- the end -----------------------------------------------------------------------------------
 

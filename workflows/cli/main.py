@@ -140,7 +140,6 @@ def run(
     Finished stages whose configuration, inputs and code are unchanged are reused; a killed workflow
     run again continues where it stopped."""
     from workflows.cli.live import WorkflowConsole
-    from workflows.configs import MODES
     from workflows.local_ray import DriverBusyError
     from workflows.runner import WorkflowRunner
     from workflows.spec import SpecError, load_spec
@@ -154,8 +153,7 @@ def run(
     console = WorkflowConsole(loaded.workdir, name=loaded.name, verbose=verbose)
     runner.on_event = console.event
     if loaded.finetune is not None:
-        metric = loaded.finetune.search.metric
-        runner.search_callbacks = [console.search_progress(metric, MODES[metric], loaded.finetune.train.total_steps)]
+        runner.search_callbacks = [console.search_progress(loaded.finetune)]
     failure = None
     with console:
         try:
@@ -177,15 +175,13 @@ def finetune(
     """Fine-tune a pre-trained ViT with a Ray Tune search over resolution and learning rate; register the
     best trial as vit-finetuned (alias champion when it beats the current one on the same test split)."""
     from workflows.cli.live import WorkflowConsole
-    from workflows.configs import MODES
     from workflows.finetune import load_config, run_finetune
     from workflows.local_ray import DriverBusyError
 
     settings = _load_stage_config(config, load_config)
     _preflight(config, "dataset", settings.dataset, "tracking.uri", settings.tracking.uri)
     console = WorkflowConsole(settings.storage_path, name=settings.name, verbose=verbose)
-    metric = settings.search.metric
-    search_progress = console.search_progress(metric, MODES[metric], settings.train.total_steps)
+    search_progress = console.search_progress(settings)
     failure = None
     with console:
         try:
