@@ -29,7 +29,7 @@ from vit.checkpoint import model_from_checkpoint  # noqa: E402
 from vit.data import eval_loader  # noqa: E402
 from vit.loop import evaluate  # noqa: E402
 from workflows import tracking  # noqa: E402
-from workflows.pretrain import PretrainConfig, run_pretrain  # noqa: E402
+from workflows.stages.pretrain import PretrainConfig, run_pretrain  # noqa: E402
 
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 REPO = Path(__file__).resolve().parents[1]

@@ -24,7 +24,7 @@ from benchmarks.machine import header
 from vit import VisionTransformer
 from vit.data import eval_loader, train_loader
 from vit.loop import fit
-from workflows.pretrain import PretrainConfig, run_pretrain
+from workflows.stages.pretrain import PretrainConfig, run_pretrain
 
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 

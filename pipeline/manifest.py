@@ -8,22 +8,24 @@ A dataset directory ``OUT`` holds (``docs/FORMAT.md`` is the full description):
 - ``OUT/dataset.json``: class names, splits, shard list with sizes and checksums, config, fingerprint.
 - ``OUT/manifest.parquet``: one row per sample; ``OUT/quarantine.parquet``: one row per unused input.
 
-This module is the only place that knows those names and layouts. It imports only the standard
-library at module level (pyarrow inside the Parquet functions), so readers can load
-:class:`DatasetInfo` cheaply.
+``OUT`` is a local folder or an object-store prefix (``s3://bucket/data``): every read and write goes
+through ``pipeline.storage``, and every file is published whole (see there).
+
+This module is the only place that knows those names and layouts.
 """
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import PurePosixPath
 from typing import Any
+
+from pipeline.storage import Location
 
 FORMAT_NAME = "vitflow-shards"
 FORMAT_VERSION = 1
@@ -85,7 +87,7 @@ class SplitInfo:
 class DatasetInfo:
     """``dataset.json``, loaded and checked. What a reader needs to build its input pipeline."""
 
-    root: Path
+    root: str  # an absolute local path or a URI
     class_names: tuple[str, ...]
     splits: Mapping[str, SplitInfo]
     config: Mapping[str, Any]
@@ -97,11 +99,11 @@ class DatasetInfo:
     def num_classes(self) -> int:
         return len(self.class_names)
 
-    def shard_paths(self, split: str) -> list[Path]:
-        """Absolute paths of the split's shards, in order."""
+    def shard_paths(self, split: str) -> list[str]:
+        """Absolute paths (or URIs) of the split's shards, in order."""
         if split not in self.splits:
             raise KeyError(f"{self.root}: no split {split!r} (have {sorted(self.splits)})")
-        return [self.root / shard.path for shard in self.splits[split].shards]
+        return [(Location(self.root) / shard.path).uri for shard in self.splits[split].shards]
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -137,15 +139,17 @@ def fingerprint(splits: Mapping[str, SplitInfo], class_names: Sequence[str], con
     return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def load_dataset_info(root: str | os.PathLike[str]) -> DatasetInfo:
+def load_dataset_info(root: str | os.PathLike[str] | Location) -> DatasetInfo:
     """Read ``root/dataset.json``; raises ``ValueError`` naming the file when it is not this format."""
-    root = Path(root)
+    root = root if isinstance(root, Location) else Location(root)
     path = root / DATASET_FILE
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
+        doc = json.loads(path.read_text())
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: not found (is {root} a vitflow dataset?)") from None
-    except json.JSONDecodeError as error:
+    except OSError as error:  # an unreachable store, a permission refused
+        raise path.error("read it", error) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{path}: not valid JSON ({error})") from None
     if doc.get("format") != FORMAT_NAME or doc.get("version") != FORMAT_VERSION:
         raise ValueError(
@@ -165,7 +169,7 @@ def load_dataset_info(root: str | os.PathLike[str]) -> DatasetInfo:
             for name, split in doc["splits"].items()
         }
         info = DatasetInfo(
-            root=root,
+            root=root.uri,
             class_names=tuple(doc["class_names"]),
             splits=splits,
             config=doc["config"],
@@ -180,42 +184,28 @@ def load_dataset_info(root: str | os.PathLike[str]) -> DatasetInfo:
     return info
 
 
-def file_sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+def file_sha256(path: str | os.PathLike[str] | Location) -> str:
+    """The sha256 of a file's bytes (streamed: any size, local or in an object store)."""
+    return (path if isinstance(path, Location) else Location(path)).sha256()
 
 
-def write_json_atomic(path: Path, doc: Any) -> None:
-    """Write JSON through a temporary file and a rename, so readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with _removed_on_error(tmp):
-        tmp.write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-
-
-@contextlib.contextmanager
-def _removed_on_error(tmp: Path) -> Iterator[None]:
-    """A failed write (a full disk, a quota) leaves no half-written temporary file behind."""
-    try:
-        yield
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        raise
+def write_json(path: Location, doc: Any) -> None:
+    """Write JSON whole (see ``Location.writing``): readers never see half a file."""
+    path.write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
 
 
 def write_dataset_info(info: DatasetInfo) -> None:
-    write_json_atomic(info.root / DATASET_FILE, info.to_json())
+    write_json(Location(info.root) / DATASET_FILE, info.to_json())
 
 
-def write_wids_index(root: Path, split: str, shards: Sequence[ShardInfo]) -> None:
+def write_wids_index(root: Location, split: str, shards: Sequence[ShardInfo]) -> None:
     """``OUT/<split>/wids.json``: lets ``wids.ShardListDataset`` open the split; URLs relative to it."""
     doc = {
         "wids_version": 1,
         "name": split,
-        "shardlist": [{"url": Path(s.path).name, "nsamples": s.num_samples, "filesize": s.bytes} for s in shards],
+        "shardlist": [{"url": PurePosixPath(s.path).name, "nsamples": s.num_samples, "filesize": s.bytes} for s in shards],
     }
-    write_json_atomic(root / split / WIDS_INDEX_FILE, doc)
+    write_json(root / split / WIDS_INDEX_FILE, doc)
 
 
 def _manifest_schema():
@@ -245,28 +235,25 @@ def _quarantine_schema():
     )
 
 
-def _write_rows(path: Path, rows: Sequence[Mapping[str, Any]], schema) -> None:
+def _write_rows(path: Location, rows: Sequence[Mapping[str, Any]], schema) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     table = pa.Table.from_pylist([dict(r) for r in rows], schema=schema)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with _removed_on_error(tmp):
+    with path.writing() as tmp:
         pq.write_table(table, tmp, compression="zstd")
-        os.replace(tmp, path)
 
 
-def write_manifest(root: Path, shards_rows: Iterable[Sequence[Mapping[str, Any]]], *,
+def write_manifest(root: Location, shards_rows: Iterable[Sequence[Mapping[str, Any]]], *,
                    row_group_rows: int = 65_536) -> int:
     """``manifest.parquet`` from each shard's rows in order, streamed: only one row group is held in
     memory, however many samples there are. Returns the number of rows written."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    path, schema = root / MANIFEST_FILE, _manifest_schema()
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    schema = _manifest_schema()
     written, pending = 0, []
-    with _removed_on_error(tmp):
+    with (root / MANIFEST_FILE).writing() as tmp:
         with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
             for rows in shards_rows:
                 pending.append(pa.Table.from_pylist([dict(r) for r in rows], schema=schema))
@@ -277,23 +264,25 @@ def write_manifest(root: Path, shards_rows: Iterable[Sequence[Mapping[str, Any]]
             if pending or not written:
                 writer.write_table(pa.concat_tables(pending) if pending else schema.empty_table())
                 written += sum(len(t) for t in pending)
-        os.replace(tmp, path)
     return written
 
 
-def write_quarantine(root: Path, rows: Sequence[Mapping[str, Any]]) -> None:
+def write_quarantine(root: Location, rows: Sequence[Mapping[str, Any]]) -> None:
     _write_rows(root / QUARANTINE_FILE, rows, _quarantine_schema())
 
 
-def read_manifest(root: str | os.PathLike[str]):
+def _read_table(root: str | os.PathLike[str] | Location, name: str, schema):
+    import pyarrow.parquet as pq
+
+    path = (root if isinstance(root, Location) else Location(root)) / name
+    return pq.read_table(path.path, filesystem=path.fs, schema=schema)
+
+
+def read_manifest(root: str | os.PathLike[str] | Location):
     """``manifest.parquet`` as a ``pyarrow.Table`` (columns :data:`MANIFEST_COLUMNS`)."""
-    import pyarrow.parquet as pq
-
-    return pq.read_table(Path(root) / MANIFEST_FILE, schema=_manifest_schema())
+    return _read_table(root, MANIFEST_FILE, _manifest_schema())
 
 
-def read_quarantine(root: str | os.PathLike[str]):
+def read_quarantine(root: str | os.PathLike[str] | Location):
     """``quarantine.parquet`` as a ``pyarrow.Table`` (columns :data:`QUARANTINE_COLUMNS`)."""
-    import pyarrow.parquet as pq
-
-    return pq.read_table(Path(root) / QUARANTINE_FILE, schema=_quarantine_schema())
+    return _read_table(root, QUARANTINE_FILE, _quarantine_schema())

@@ -5,12 +5,25 @@ Why here and not in ``workflows/``: sharding is useful on its own (``vitflow sha
 Ray part is small: map a pure function (``shards.build_shard``) over a list of tasks. Keeping every Ray
 call in this module leaves the rest of ``pipeline`` plain Python that tests run in-process
 (``workers=0``), while a workflow stage simply calls ``write_shards`` inside its own Ray session.
+
+Tasks in flight (running or queued): ``workers=N`` means at most N. By default (``workers=None``) the
+cluster's CPUs now, looked up again every second, plus as many again queued behind them (at least
+``MIN_QUEUED``, at most ``MAX_QUEUED``). The queue is the point: a Ray autoscaler adds nodes for the
+resources that waiting tasks ask for, not for work a driver has yet to submit, so a window fixed at the
+CPUs present at start would keep an autoscaling cluster (``cluster.yaml``: ``min_workers: 0``) at its head
+node. Nodes that join take queued tasks and the window grows with them (``tests/pipeline/test_scaleout.py``).
+``ray.autoscaler.sdk.request_resources`` is not used: there is one such request per cluster, which any
+other driver overwrites and which stays until cleared. The bound keeps memory flat: a task in flight holds
+its arguments (a shard's inputs) in the driver and the object store, so a plan of millions of shards is
+fed in as tasks finish. Results come back in the order of ``tasks`` wherever they ran, and a task's output
+depends only on its arguments: the bytes written do not depend on the window.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
@@ -19,6 +32,13 @@ R = TypeVar("R")
 
 # fn(task, report) -> result, where report(n) says n more inputs were handled.
 TaskFn = Callable[[T, Callable[[int], None]], R]
+
+# With workers=None, the tasks queued beyond the cluster's CPUs: as many as it has CPUs (each round of
+# autoscaling may double it), at least MIN_QUEUED (a head with no CPUs still asks for nodes), at most
+# MAX_QUEUED (the memory a plan of any size holds in flight).
+MIN_QUEUED = 4
+MAX_QUEUED = 256
+RESIZE_EVERY_S = 1.0  # how often the window follows the cluster's size (one GCS call)
 
 
 def map_tasks(
@@ -34,7 +54,8 @@ def map_tasks(
 
     ``workers=0`` runs in this process. Otherwise Ray: the cluster at ``address``, the Ray this process
     is already connected to, or a local one with ``workers`` CPUs (all CPUs when None) that is shut
-    down afterwards.
+    down afterwards. ``workers=None`` follows the cluster as it grows and keeps tasks queued for an
+    autoscaler to see (the module's docstring).
     """
     if workers is not None and workers < 0:
         raise ValueError(f"workers must be >= 0, got {workers}")
@@ -56,8 +77,6 @@ def map_tasks(
             ray.init(num_cpus=workers or os.cpu_count(), **common)
     counter = None
     try:
-        window = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
-
         @ray.remote(num_cpus=0)
         class Counter:  # tasks add to it as they go, the driver polls it: images/s between shard ends
             def __init__(self) -> None:
@@ -79,8 +98,11 @@ def map_tasks(
         results: list[R | None] = [None] * len(tasks)
         pending: dict = {}
         submitted, reported = 0, 0
+        window, resized = _window(ray, workers), time.monotonic()
         try:
             while submitted < len(tasks) or pending:
+                if workers is None and time.monotonic() - resized >= RESIZE_EVERY_S:
+                    window, resized = _window(ray, workers), time.monotonic()
                 while submitted < len(tasks) and len(pending) < window:
                     pending[run.remote(fn, tasks[submitted], counter)] = submitted
                     submitted += 1
@@ -102,6 +124,14 @@ def map_tasks(
             ray.kill(counter)
         if started_here:
             ray.shutdown()
+
+
+def _window(ray, workers: int | None) -> int:
+    """Tasks to keep in flight: ``workers``, or the cluster's CPUs now plus a queue an autoscaler sees."""
+    if workers:
+        return workers
+    cpus = int(ray.cluster_resources().get("CPU", 0))
+    return cpus + min(max(cpus, MIN_QUEUED), MAX_QUEUED)
 
 
 def _result(ray, ref):

@@ -15,6 +15,7 @@ from rich.progress import (
 )
 from rich.text import Text
 
+
 class _ImagesPerSecond(ProgressColumn):
     def render(self, task) -> Text:
         return Text(f"{task.speed:,.0f} img/s" if task.speed else "- img/s", style="progress.data.speed")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
 import hashlib
 import io
 import json
@@ -36,6 +35,7 @@ from pipeline.images import ProcessedImage, process_image
 from pipeline.manifest import DatasetInfo, Reason, Rejected, ShardInfo, SplitInfo
 from pipeline.report import ShardProgress
 from pipeline.sources import Record, Scan, Source, SourceError, Unusable, open_source
+from pipeline.storage import Location, StorageError
 
 # Per sample: three 512-byte tar headers, three members padded to 512 bytes (on average 256 each),
 # and the JSON member itself. Added to the input size when planning shard sizes.
@@ -44,16 +44,11 @@ KEY_HEX_DIGITS = 24  # 96 bits of sha1: collisions are not a concern below billi
 _SHARD_FILE = re.compile(r"^[A-Za-z0-9_-]+-\d{6}\.tar$")
 
 
-class StorageError(OSError):
-    """``OUT`` cannot be written: a read-only folder, a full disk, a quota. The message names the path and
-    the cause; what was finished stays valid (atomic renames), so the same run again resumes."""
-
-
-def _storage_error(out: Path, what: str, error: OSError) -> StorageError:
-    cause = error.strerror or str(error)
-    code = f" ({errno.errorcode[error.errno]})" if error.errno in errno.errorcode else ""
+def _storage_error(out: Location, what: str, error: OSError) -> StorageError:
+    """``OUT`` cannot be written (a read-only folder, a full disk, a quota, a missing bucket): the message
+    names it and the cause; what was finished stays valid (whole files only), so the same run resumes."""
     return StorageError(
-        f"{out}: cannot write {what}: {cause}{code}. Fix the storage (permissions, free space, quota) and run "
+        f"{out.error('write ' + what, error)}. Fix the storage (permissions, free space, quota, bucket) and run "
         "the same command again: finished shards are kept and reused"
     )
 
@@ -201,18 +196,18 @@ def _outcome(receipt: Mapping[str, Any], reused: bool) -> ShardOutcome:
     return ShardOutcome(ShardInfo(**receipt["shard"]), dict(counts), len(receipt["quarantined"]), reused)
 
 
-def _receipt_path(out: Path, shard: PlannedShard) -> Path:
+def _receipt_path(out: Location, shard: PlannedShard) -> Location:
     return out / manifest.WORK_DIR / f"{shard.split}-{shard.index:06d}.json"
 
 
 def _reusable(task: ShardTask) -> ShardOutcome | None:
-    out = Path(task.out)
+    out = Location(task.out)
     try:
-        receipt = json.loads(_receipt_path(out, task.shard).read_text(encoding="utf-8"))
+        receipt = json.loads(_receipt_path(out, task.shard).read_text())
         path = out / task.shard.path
-        if receipt["digest"] != task.shard.digest or path.stat().st_size != receipt["shard"]["bytes"]:
+        if receipt["digest"] != task.shard.digest or path.size() != receipt["shard"]["bytes"]:
             return None
-        if manifest.file_sha256(path) != receipt["shard"]["sha256"]:
+        if path.sha256() != receipt["shard"]["sha256"]:
             return None
     except (OSError, ValueError, KeyError):
         return None
@@ -286,29 +281,29 @@ def _add_sample(
 
 
 def _build(task: ShardTask, report: Callable[[int], None]) -> ShardOutcome:
-    shard, out = task.shard, Path(task.out)
+    shard, out = task.shard, Location(task.out)
     final = out / shard.path
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    renamed = False
+    published = False
     try:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        samples, quarantined = _write_tar(tmp, task, report)
-        os.replace(tmp, final)  # atomic: readers and reruns see the whole shard or none
-        renamed = True
-        info = ShardInfo(shard.path, len(samples), final.stat().st_size, manifest.file_sha256(final))
+        # Built in a local temporary file, then published whole (a rename, or one upload to an object
+        # store): readers and reruns see the whole shard or none. Its receipt, written after, is what
+        # makes it "done"; a shard without one is rebuilt.
+        with final.writing() as tmp:
+            samples, quarantined = _write_tar(tmp, task, report)
+            info = ShardInfo(shard.path, len(samples), tmp.stat().st_size, manifest.file_sha256(tmp))
+        published = True
         receipt = {
             "digest": shard.digest,
             "shard": dataclasses.asdict(info),
             "samples": samples,
             "quarantined": quarantined,
         }
-        manifest.write_json_atomic(_receipt_path(out, shard), receipt)
+        manifest.write_json(_receipt_path(out, shard), receipt)
         outcome = _outcome(receipt, reused=False)
     except BaseException as error:  # a full disk, a cancelled task: no half-written shard left to fill it
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-            if renamed:  # whole, but without its receipt it would only be rebuilt: give its space back
-                final.unlink(missing_ok=True)
+        if published:  # whole, but without its receipt it would only be rebuilt: give its space back
+            with contextlib.suppress(OSError):
+                final.delete()
         if isinstance(error, OSError):  # only writes raise OSError here: source reads fail as SourceError
             raise _storage_error(out, shard.path, error) from error
         raise
@@ -396,35 +391,40 @@ def _inputs_text(num_inputs: int, rejected: Sequence[Unusable]) -> str:
     return f"{num_inputs} inputs, all quarantined: {_reasons_text(Counter(str(u.reason) for u in rejected))}"
 
 
-def _prepare_out(out: Path) -> None:
-    is_dataset = (out / manifest.DATASET_FILE).exists() or (out / manifest.WORK_DIR).is_dir()
-    if out.exists() and not out.is_dir():
+# Written when OUT is first prepared: marks it as a vitflow dataset (finished or not) and proves it writable.
+_WRITER_FILE = "writer.json"
+
+
+def _prepare_out(out: Location) -> None:
+    out.check_bucket()
+    work = out / manifest.WORK_DIR
+    is_dataset = (out / manifest.DATASET_FILE).exists() or work.is_dir()
+    if out.is_file():
         raise ValueError(f"{out}: exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not is_dataset:
+    if out.children() and not is_dataset:
         raise ValueError(f"{out}: not empty and not a vitflow dataset; choose a new or empty folder")
-    (out / manifest.WORK_DIR).mkdir(parents=True, exist_ok=True)
+    work.mkdir()
     # Until the run finishes, no dataset.json: readers never see one that disagrees with the shards.
-    (out / manifest.DATASET_FILE).unlink(missing_ok=True)
-    # A rerun into a folder that has become read-only gets this far: fail now, not in the first shard task.
-    probe = out / manifest.WORK_DIR / f".write-probe-{os.getpid()}"
-    probe.write_bytes(b"")
-    probe.unlink()
+    (out / manifest.DATASET_FILE).delete()
+    # A rerun into a folder that has become read-only (or a bucket that does not exist) fails here, not in
+    # the first shard task.
+    manifest.write_json(work / _WRITER_FILE, {"created_by": f"vitflow {_version()}"})
 
 
-def _remove_stale(out: Path, plan: Plan) -> None:
+def _remove_stale(out: Location, plan: Plan) -> None:
     """Shards, receipts and temporary files of an earlier plan that this one does not produce."""
     wanted = {shard.path for shard in plan.shards}
-    receipts = {_receipt_path(out, shard).name for shard in plan.shards}
-    for directory in [p for p in out.iterdir() if p.is_dir() and p.name != manifest.WORK_DIR]:
-        for file in directory.iterdir():
+    receipts = {_receipt_path(out, shard).name for shard in plan.shards} | {_WRITER_FILE}
+    for directory in [p for p in out.children() if p.is_dir() and p.name != manifest.WORK_DIR]:
+        for file in directory.children():
             relative = f"{directory.name}/{file.name}"
             if (_SHARD_FILE.match(file.name) and relative not in wanted) or ".tar.tmp-" in file.name:
-                file.unlink()
+                file.delete()
         if not any(s.split == directory.name for s in plan.shards):
-            (directory / manifest.WIDS_INDEX_FILE).unlink(missing_ok=True)
-    for receipt in (out / manifest.WORK_DIR).iterdir():
+            (directory / manifest.WIDS_INDEX_FILE).delete()
+    for receipt in (out / manifest.WORK_DIR).children():
         if receipt.name not in receipts:
-            receipt.unlink()
+            receipt.delete()
 
 
 def write_shards(
@@ -438,24 +438,27 @@ def write_shards(
 ) -> ShardResult:
     """Shard ``source`` into ``out`` (see ``docs/FORMAT.md``); resumes when ``out`` holds an earlier run.
 
-    ``workers``: shard tasks running at once (default: the CPUs of the Ray cluster); 0 runs them in
-    this process without Ray. ``address``: a Ray cluster to use; without it a local Ray is started
-    with ``workers`` CPUs (or the one already initialised in this process is used).
+    ``workers``: shard tasks running at once; by default the Ray cluster's CPUs, followed as nodes join,
+    with more tasks queued for an autoscaler to see (``pipeline/parallel.py``); 0 runs them in this process
+    without Ray. ``address``: a Ray cluster to use; without it a local Ray is started with ``workers`` CPUs
+    (or the one already initialised in this process is used).
     """
     started = time.perf_counter()
     config = config or ShardConfig()
     if not hasattr(source, "scan"):
         source = open_source(str(source))
-    out = Path(out).absolute()
+    out = Location(out)
     plan = plan_shards(source.scan(), config)  # source and config mistakes surface before OUT is touched
     if not plan.shards:
         raise SourceError(f"{source.uri}: no images to shard ({_inputs_text(plan.num_inputs, plan.rejected)})")
     try:
         _prepare_out(out)
         _remove_stale(out, plan)
+    except StorageError:  # already names OUT and the cause (a missing bucket, an unreachable store)
+        raise
     except OSError as error:
         raise _storage_error(out, "into the output folder", error) from error
-    tasks = [ShardTask(shard, source, str(out), config, plan.class_names) for shard in plan.shards]
+    tasks = [ShardTask(shard, source, out.uri, config, plan.class_names) for shard in plan.shards]
 
     total = sum(len(t.shard.records) for t in tasks)
     with ShardProgress(total_images=total, total_shards=len(tasks), enabled=progress) as bar:
@@ -470,7 +473,7 @@ def write_shards(
 
     def rows_per_shard() -> Iterator[list[dict[str, Any]]]:  # one receipt in memory at a time
         for shard in plan.shards:
-            receipt = json.loads(_receipt_path(out, shard).read_text(encoding="utf-8"))
+            receipt = json.loads(_receipt_path(out, shard).read_text())
             quarantined.extend(receipt["quarantined"])
             yield receipt["samples"]
 
@@ -506,7 +509,7 @@ def write_shards(
 
 
 def _assemble(
-    out: Path, plan: Plan, config: ShardConfig, source: Source, outcomes: Sequence[ShardOutcome]
+    out: Location, plan: Plan, config: ShardConfig, source: Source, outcomes: Sequence[ShardOutcome]
 ) -> DatasetInfo:
     splits = {}
     for split in sorted({s.split for s in plan.shards}):
@@ -522,7 +525,7 @@ def _assemble(
         )
     config_doc = config.model_dump(mode="json")
     info = DatasetInfo(
-        root=out,
+        root=out.uri,
         class_names=plan.class_names,
         splits=splits,
         config=config_doc,

@@ -22,7 +22,9 @@ from typing import Any, ClassVar, Literal, Protocol
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+from pipeline import storage
 from pipeline.manifest import Reason, Rejected
+from pipeline.storage import StorageError
 
 # Split folder / file / column names we recognise, and the name each is written under.
 SPLIT_ALIASES = {
@@ -86,20 +88,11 @@ class Source(Protocol):
 
 
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    """The filesystem holding ``uri`` and the path within it (no trailing slash)."""
-    if "://" not in uri:
-        return pafs.LocalFileSystem(), posixpath.abspath(uri)
+    """The filesystem holding ``uri`` and the path within it (see ``pipeline.storage``)."""
     try:
-        fs, path = pafs.FileSystem.from_uri(uri)
-    except pa.ArrowInvalid:  # a scheme pyarrow has no native filesystem for: try fsspec
-        import fsspec
-
-        try:
-            fsspec_fs, path = fsspec.core.url_to_fs(uri)
-        except (ImportError, ValueError) as error:
-            raise SourceError(f"{uri}: no filesystem for this URI ({error})") from None
-        fs = pafs.PyFileSystem(pafs.FSSpecHandler(fsspec_fs))
-    return fs, path.rstrip("/") or "/"
+        return storage.filesystem(uri)
+    except StorageError as error:
+        raise SourceError(str(error)) from None
 
 
 def split_name(name: str) -> str | None:

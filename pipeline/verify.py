@@ -6,16 +6,17 @@ Needs only the standard library and pyarrow (no torch, no Ray), so it runs anywh
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import tarfile
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from pipeline import manifest
 from pipeline.manifest import ShardInfo
+from pipeline.storage import Location
 
 
 @dataclass(frozen=True)
@@ -26,7 +27,7 @@ class DamagedShard:
 
 @dataclass(frozen=True)
 class VerifyReport:
-    root: Path
+    root: str  # an absolute local path or a URI
     num_shards: int
     num_samples: int
     damaged: tuple[DamagedShard, ...]
@@ -41,24 +42,52 @@ class VerifyReport:
 _MEMBER_EXTENSIONS = frozenset({"cls", "json", "jpg", "jpeg", "png", "webp"})
 
 
-def _check_shard(path: Path, expected: ShardInfo, rows: Sequence[Mapping[str, Any]]) -> str | None:
-    if not path.is_file():
+class _Hashing(io.RawIOBase):
+    """A read-only stream that hashes what passes through it: one pass checks the checksum and the tar."""
+
+    def __init__(self, stream) -> None:
+        self.stream, self.digest = stream, hashlib.sha256()
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        data = self.stream.read(len(buffer))
+        buffer[: len(data)] = data
+        self.digest.update(data)
+        return len(data)
+
+
+def _check_shard(path: Location, expected: ShardInfo, rows: Sequence[Mapping[str, Any]]) -> str | None:
+    try:
+        size = path.size()
+    except FileNotFoundError:
         return "missing"
-    size = path.stat().st_size
     if size != expected.bytes:
         return f"{size} bytes, expected {expected.bytes}"
-    if manifest.file_sha256(path) != expected.sha256:
-        return "sha256 differs from dataset.json"
     members: dict[str, dict[str, bytes]] = defaultdict(dict)
+    problem = None
     try:
-        with tarfile.open(path, mode="r|") as tar:
-            for member in tar:
-                if not member.isfile():  # a link or folder: never followed, never part of the format
-                    return f"member {member.name} is not a regular file"
-                key, _, extension = member.name.partition(".")
-                members[key][extension] = tar.extractfile(member).read()
-    except (tarfile.TarError, OSError) as error:
-        return f"not a readable tar ({error})"
+        with path.open() as stream:
+            hashing = _Hashing(stream)
+            try:
+                with tarfile.open(fileobj=io.BufferedReader(hashing, 1 << 20), mode="r|") as tar:
+                    for member in tar:
+                        if not member.isfile():  # a link or folder: never followed, never part of the format
+                            problem = f"member {member.name} is not a regular file"
+                            break
+                        key, _, extension = member.name.partition(".")
+                        members[key][extension] = tar.extractfile(member).read()
+            except tarfile.TarError as error:
+                problem = f"not a readable tar ({error})"
+            while hashing.read(1 << 20):  # the rest (the tar's end padding): the checksum covers every byte
+                pass
+    except OSError as error:
+        return f"unreadable ({error})"
+    if hashing.digest.hexdigest() != expected.sha256:  # checked first: a changed file is named as such
+        return "sha256 differs from dataset.json"
+    if problem is not None:
+        return problem
     if len(members) != expected.num_samples:
         return f"{len(members)} samples, expected {expected.num_samples}"
     by_key = {row["key"]: row for row in rows}
@@ -77,11 +106,13 @@ def _check_shard(path: Path, expected: ShardInfo, rows: Sequence[Mapping[str, An
 
 def verify_shards(out: str | os.PathLike[str]) -> VerifyReport:
     """Recompute every shard's checksum and sample count and compare with ``dataset.json`` and the manifest."""
-    info = manifest.load_dataset_info(out)
+    root = Location(out)
+    root.check_bucket()  # an unreachable store or a missing bucket: said at once, not after the retry budget
+    info = manifest.load_dataset_info(root)
     rows_by_shard: dict[str, list[dict[str, Any]]] = defaultdict(list)
     problems = []
     try:
-        for row in manifest.read_manifest(out).to_pylist():
+        for row in manifest.read_manifest(root).to_pylist():
             rows_by_shard[row["shard"]].append(row)
     except OSError as error:
         problems.append(f"{manifest.MANIFEST_FILE}: unreadable ({error})")
@@ -100,7 +131,7 @@ def verify_shards(out: str | os.PathLike[str]) -> VerifyReport:
                 problems.append(
                     f"{manifest.MANIFEST_FILE}: {len(rows)} rows for {shard.path}, expected {shard.num_samples}"
                 )
-            problem = _check_shard(info.root / shard.path, shard, rows)
+            problem = _check_shard(root / shard.path, shard, rows)
             if problem is not None:
                 damaged.append(DamagedShard(shard.path, problem))
     if manifest.fingerprint(info.splits, info.class_names, info.config) != info.fingerprint:

@@ -73,6 +73,64 @@ def flowers_shards(tmp_path_factory, flowers_source) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def object_store():
+    """A real S3-compatible server (SeaweedFS) for the session, with access-key auth."""
+    import tempfile
+
+    from tests.objectstore import SeaweedFS
+
+    store = SeaweedFS(Path(tempfile.mkdtemp(prefix="vitflow-s3-", dir="/tmp")))  # short paths (sockets)
+    store.start()
+    yield store
+    store.stop()
+    shutil.rmtree(store.root, ignore_errors=True)
+
+
+@pytest.fixture
+def bucket(object_store, monkeypatch, request) -> str:
+    """A new bucket (``s3://NAME``) on the test store, and the standard AWS environment pointing at it."""
+    import uuid
+
+    for name, value in object_store.env.items():
+        monkeypatch.setenv(name, value)
+    return object_store.create_bucket(f"t-{uuid.uuid4().hex[:12]}")
+
+
+@dataclass(frozen=True)
+class TrackingServer:
+    url: str  # http://127.0.0.1:PORT
+    artifacts: str  # s3://BUCKET/mlartifacts: where the server keeps (proxies) every artifact
+    database: str  # the PostgreSQL URL of its backend store (credentials included: for the tests only)
+
+
+@pytest.fixture(scope="session")
+def team_tracking_server(object_store, tmp_path_factory):
+    """An MLflow tracking server as a team runs one: runs and registry in PostgreSQL, artifacts in the
+    object store (proxied: clients need no S3 settings)."""
+    import tempfile
+
+    from tests.objectstore import Postgres, free_port
+    from tests.workflows.servers import MlflowServer
+
+    database = Postgres(Path(tempfile.mkdtemp(prefix="vitflow-pg-", dir="/tmp")))
+    database.start()
+    bucket = object_store.create_bucket("tracking")
+    port = free_port()
+    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", database.url,
+               "--artifacts-destination", f"{bucket}/mlartifacts", "--host", "127.0.0.1", "--port", str(port),
+               "--workers", "1"]
+    env = {**os.environ, **object_store.env, "MLFLOW_S3_ENDPOINT_URL": object_store.endpoint,
+           "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    log = tmp_path_factory.mktemp("tracking-server") / "mlflow-server.log"
+    try:
+        with MlflowServer(command, port, log, env=env) as server:
+            yield TrackingServer(url=server.url, artifacts=f"{bucket}/mlartifacts", database=database.url)
+    finally:
+        database.stop()
+        shutil.rmtree(database.root, ignore_errors=True)
+
+
 # Secrets a user's shell may hold while running vitflow; none may reach MLflow or the run storage.
 SECRET_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "MLFLOW_TRACKING_PASSWORD",
                     "MLFLOW_TRACKING_TOKEN", "RAY_AUTH_TOKEN", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "GITHUB_TOKEN")
@@ -82,7 +140,8 @@ SECRET_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_T
 class FinishedWorkflow:
     spec: Path
     workdir: Path
-    planted: dict[str, str]  # secret variable -> the canary value it held
+    bucket: str  # s3://NAME: the workflow's shards and run storage (storage_path) are there
+    planted: dict[str, str]  # secret variable -> the canary value it held (the store's real keys for AWS_*)
     username: str  # MLFLOW_TRACKING_USERNAME: recorded, as MLflow means it to be, as the runs' user
     stdout: str
     stderr: str
@@ -94,25 +153,35 @@ class FinishedWorkflow:
 
 
 @pytest.fixture(scope="session")
-def mini_workflow(tmp_path_factory, cifar_source, flowers_source) -> FinishedWorkflow:
+def mini_workflow(tmp_path_factory, cifar_source, flowers_source, object_store) -> FinishedWorkflow:
     """The mini workflow (shard two corpora, pre-train on Ray Train, a two-trial search, evaluate) run once
-    by `vitflow run`, with canary secrets in its environment. Tests that only read a finished workflow
-    share it (the console test reads what it printed, the MLflow UI test renders it, the security test
-    scans it for the canaries): it is the suite's most expensive setup. Read it, never write to it."""
+    by `vitflow run`, its shards and run storage in the test object store (every location an s3:// URI),
+    with canary secrets in its environment (the store's own access keys among them). Tests that only read
+    a finished workflow share it (the console test reads what it printed, the MLflow UI test renders it,
+    the security test scans it for the secrets, the storage test looks where its files went): it is the
+    suite's most expensive setup. Read it, never write to it."""
     import yaml
 
     from tests.workflows.test_runner import mini_spec
 
     root = tmp_path_factory.mktemp("mini-workflow")
+    bucket = object_store.create_bucket("mini-workflow")
     spec = mini_spec(cifar_source, flowers_source)
     spec["workdir"] = str(root / "work")
+    spec["storage_path"] = f"{bucket}/runs"
+    for name, stage in spec["preprocess"].items():
+        stage["out"] = f"{bucket}/shards/{name}"
     path = root / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))
     planted = {name: f"canary-{name.lower().replace('_', '-')}-{secrets.token_hex(12)}" for name in SECRET_VARIABLES}
+    # The store's real keys stand in for the AWS canaries (a session token would be sent to the store too).
+    planted.update({name: object_store.env[name] for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")})
+    del planted["AWS_SESSION_TOKEN"]
     username = f"canary-user-{secrets.token_hex(8)}"
     start = time.monotonic()
     result = subprocess.run([str(Path(sys.executable).parent / "vitflow"), "run", str(path)], capture_output=True,
-                            text=True, timeout=1200, env={**os.environ, **planted, "MLFLOW_TRACKING_USERNAME": username})
+                            text=True, timeout=1200, cwd=root,
+                            env={**os.environ, **object_store.env, **planted, "MLFLOW_TRACKING_USERNAME": username})
     assert result.returncode == 0, f"{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
-    return FinishedWorkflow(spec=path, workdir=root / "work", planted=planted, username=username,
+    return FinishedWorkflow(spec=path, workdir=root / "work", bucket=bucket, planted=planted, username=username,
                             stdout=result.stdout, stderr=result.stderr, elapsed_s=time.monotonic() - start)

@@ -8,11 +8,9 @@ import sys
 from pathlib import Path
 
 
-
-
-def vitflow(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+def vitflow(*args: str, timeout: float = 300, cwd: str | Path | None = None) -> subprocess.CompletedProcess:
     exe = shutil.which("vitflow") or str(Path(sys.executable).parent / "vitflow")
-    return subprocess.run([exe, *args], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([exe, *args], capture_output=True, text=True, timeout=timeout, cwd=cwd)
 
 
 def test_help_lists_the_commands():

@@ -120,9 +120,9 @@ def test_the_cycle_check_finds_a_cycle():
 # Ray by the compute modules, the two training stages and the live view's Tune callback. A new importer
 # is a design decision: add it here on purpose, or call one of these.
 OWNERS = {
-    "mlflow": {"workflows/tracking/", "workflows/preflight.py"},
-    "ray": {"workflows/local_ray.py", "workflows/jobs.py", "workflows/training.py", "workflows/pretrain.py",
-            "workflows/finetune.py", "workflows/runner.py", "workflows/cli/live.py"},
+    "mlflow": {"workflows/tracking/", "workflows/stages/preflight.py"},
+    "ray": {"workflows/compute/", "workflows/stages/pretrain.py",
+            "workflows/stages/finetune.py", "workflows/runner.py", "workflows/cli/live.py"},
 }
 
 
@@ -138,15 +138,17 @@ def owns(owner: str, path: str) -> bool:
     return path.startswith(owner) if owner.endswith("/") else path == owner
 
 
-# workflows/ in layers, lowest first. A module imports only from lower layers (inside the tracking and cli
-# packages, its own package too); so the stages never import each other, and nothing imports the CLI.
+# workflows/ in layers, lowest first. A module imports only from lower layers (inside the tracking, compute
+# and cli packages, its own package too); so the stages never import each other, and nothing imports the CLI.
+STAGES = ("preprocess", "pretrain", "finetune", "evaluate", "preflight")
 LAYERS = (
     ("configs", ("workflows.configs", "workflows.tags")),
+    ("results", ("workflows.results",)),
     ("spec", ("workflows.spec",)),
     ("tracking", ("workflows.tracking",)),
-    ("compute", ("workflows.local_ray", "workflows.jobs", "workflows.training", "workflows.ui")),
-    ("stages", ("workflows.preprocess", "workflows.pretrain", "workflows.finetune", "workflows.evaluate",
-                "workflows.preflight")),
+    ("compute", ("workflows.compute",)),
+    ("stages", tuple(f"workflows.stages.{name}" for name in STAGES)),
+    ("cache", ("workflows.cache",)),
     ("runner", ("workflows.runner",)),
     ("cli", ("workflows.cli",)),
 )
@@ -165,11 +167,17 @@ def test_workflows_imports_go_down_the_layers():
     graph = import_graph()
     wrong = []
     for module, imported in sorted(graph.items()):
-        if module == "workflows" or not module.startswith("workflows"):
-            continue
+        if module in ("workflows", "workflows.stages") or not module.startswith("workflows"):
+            continue  # the packages' __init__ files (the stages' imports nothing: checked below)
         level, home = layer_of(module)
         for other in sorted(m for m in imported if m.startswith("workflows.")):
             other_level, other_home = layer_of(other)
             if other_level > level or (other_level == level and other_home != home):
                 wrong.append(f"{module} ({LAYERS[level][0]}) imports {other} ({LAYERS[other_level][0]})")
     assert not wrong, "\n".join(wrong)
+
+
+def test_every_stage_module_is_placed_and_the_stages_package_shares_nothing():
+    modules = {path.stem for path in (REPO / "workflows" / "stages").glob("*.py")} - {"__init__"}
+    assert modules == set(STAGES), "a new stage module goes into STAGES (tests/test_layering.py)"
+    assert import_graph()["workflows.stages"] == set(), "stages/__init__.py must not import (a shared kernel there would let stages import each other)"

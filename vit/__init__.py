@@ -11,8 +11,21 @@ from vit.checkpoint import (
     to_timm_state_dict,
 )
 from vit.config import VARIANTS, ViTConfig, decode_variant
-from vit.data import Batch, DataConfig, DataError, ShardLoader, eval_loader, read_dataset_index, train_loader
-from vit.evaluation import ClassificationMetrics, classification_metrics, confusion_matrix_figure, predict
+from vit.data import (
+    Batch,
+    DataConfig,
+    DataError,
+    ShardLoader,
+    eval_loader,
+    read_dataset_index,
+    train_loader,
+)
+from vit.evaluation import (
+    ClassificationMetrics,
+    classification_metrics,
+    confusion_matrix_figure,
+    predict,
+)
 from vit.finetune import FinetuneConfig, paper_finetune_optim, prepare_finetune_model
 from vit.flops import forward_flops, gflops, train_flops
 from vit.loop import NonFiniteLossError, TrainConfig, evaluate, fit

@@ -31,7 +31,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vit.checkpoint import load_checkpoint, restore_training_state, save_checkpoint, training_state
+from vit.checkpoint import (
+    load_checkpoint,
+    restore_training_state,
+    save_checkpoint,
+    training_state,
+)
 from vit.config import ViTConfig
 from vit.data import check_class_map
 from vit.data.plan import derive_seed

@@ -5,11 +5,19 @@ stages, the spec and the CLI import it."""
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from dataclasses import fields, replace
+from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_serializer, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveInt,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
 
 from vit import ViTConfig, decode_variant
 from vit.data import DataConfig

@@ -14,77 +14,43 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
-import subprocess
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from workflows import tags as tag
 from workflows import tracking
-from workflows.local_ray import TRIAL_DRIVER_RESOURCE, embedded_ray
-from workflows.preprocess import log_preprocess, preprocess_task
+from workflows.cache import StageCache, code_version, corpus_fingerprint, fingerprint
+from workflows.compute.local_ray import TRIAL_DRIVER_RESOURCE, embedded_ray
+from workflows.results import StageInputs, StageResult
 from workflows.spec import WorkflowSpec
-
+from workflows.stages import evaluate, finetune, pretrain
+from workflows.stages.preprocess import log_preprocess, preprocess_task
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class StageResult:
-    """What a stage hands the next ones: small, typed, JSON-able."""
+class TrainingStage:
+    """A stage after preprocessing, as the runner sees it: the spec section of its name, the model it starts
+    from (its section's ``model_key``, else the result of stage ``model_from``) and its ``run``, which takes
+    the section and the :class:`StageInputs` and returns a :class:`StageResult`."""
 
-    stage: str  # "preprocess:cifar10", "pretrain", "finetune", "evaluate"
-    run_id: str
-    fingerprint: str
-    reused: bool = False
-    dataset_uri: str | None = None
-    dataset_fingerprint: str | None = None
-    model_uri: str | None = None  # models:/NAME/VERSION when registered
-    metrics: dict[str, float] = field(default_factory=dict)
-
-    def to_json(self) -> str:
-        data = asdict(self)
-        data.pop("reused")
-        return json.dumps(data, sort_keys=True)
+    name: str
+    run: Callable[[Any, StageInputs], StageResult]
+    model_key: str | None = None
+    model_from: str | None = None
 
 
-def code_version() -> str:
-    """vitflow's version plus the git commit of the checkout it runs from (when it is one)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        package = version("vitflow")
-    except PackageNotFoundError:
-        package = "unknown"
-    repo = Path(__file__).resolve().parents[1]
-    try:
-        commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short=12", "HEAD"], capture_output=True,
-                                text=True, timeout=5, check=True).stdout.strip()
-        return f"{package}+g{commit}"
-    except (OSError, subprocess.SubprocessError):
-        return package
-
-
-def fingerprint(*parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def corpus_fingerprint(source: str) -> str:
-    """A cheap identity of a local corpus: every file's relative path, size and modification time."""
-    path = Path(source)
-    if "://" in source or not path.exists():
-        return fingerprint(source)
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    digest = hashlib.sha256()
-    for file in files:
-        stat = file.stat()
-        digest.update(f"{file.relative_to(path) if file != path else file.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest()
+# In order: each may take the one before's model. A new stage is a row here and a section in the spec.
+TRAINING_STAGES = (
+    TrainingStage("pretrain", pretrain.run_stage),
+    TrainingStage("finetune", finetune.run_stage, model_key="pretrained", model_from="pretrain"),
+    TrainingStage("evaluate", evaluate.run_stage, model_key="model", model_from="finetune"),
+)
 
 
 class WorkflowRunner:
@@ -109,6 +75,7 @@ class WorkflowRunner:
                              or tracking.default_tracking_uri(self.workdir))
         self.storage_path = spec.storage_path or os.environ.get("VITFLOW_STORAGE") or str(self.workdir / "runs")
         self.code = code_version()
+        self.cache = StageCache(self.tracking_uri, spec.tracking.experiment, force=self.force, code=self.code)
         self.results: dict[str, StageResult] = {}
 
     def _stage_names(self) -> list[str]:
@@ -124,9 +91,9 @@ class WorkflowRunner:
         """Seconds of checks before any work: corpora exist, the tracking server (and ``ray_address``)
         answer, the models the spec names are registered. Raises ``PreflightError`` or
         ``TrackingUnavailable`` naming the key."""
-        from workflows.preflight import check_workflow
+        from workflows.stages.preflight import check_workflow
 
-        check_workflow(self.spec, self.tracking_uri, ray_address)
+        check_workflow(self.spec, self.tracking_uri, ray_address, self.storage_path)
 
     def run(self, spec_text: str = "") -> dict[str, StageResult]:
         import ray
@@ -181,47 +148,18 @@ class WorkflowRunner:
     def run_link(self, run_id: str) -> str:
         return tracking.run_url(self.tracking_uri, self.spec.tracking.experiment, run_id)
 
-    # --- caching ---------------------------------------------------------------------------------
+    def _reused(self, stage: str, stage_fp: str) -> bool:
+        cached = self.cache.lookup(stage, stage_fp)
+        if cached is not None:
+            self.results[stage] = cached
+            self.on_event(stage, "reused", self.run_link(cached.run_id))
+        return cached is not None
 
-    def _cached(self, stage: str, stage_fingerprint: str) -> StageResult | None:
-        if stage in self.force:
-            return None
-        for run in tracking.runs_with_tags(self.tracking_uri, self.spec.tracking.experiment,
-                                           {tag.STAGE_FINGERPRINT: stage_fingerprint}, status="FINISHED"):
-            stored = run.data.tags.get(tag.RESULT)
-            if not stored:
-                continue
-            result = StageResult(**json.loads(stored), reused=True)
-            if self._still_valid(result):
-                return result
-        return None
-
-    def _still_valid(self, result: StageResult) -> bool:
-        if result.dataset_uri and not result.model_uri:
-            from pipeline import verify_shards
-
-            try:
-                return verify_shards(result.dataset_uri).ok
-            except (OSError, ValueError):
-                return False
-        if result.model_uri:
-            return tracking.model_exists(self.tracking_uri, result.model_uri)
-        return True
-
-    def _finish(self, stage: str, stage_fingerprint: str, result: StageResult) -> StageResult:
-        tracking.set_tags(self.tracking_uri, result.run_id, {tag.STAGE_FINGERPRINT: stage_fingerprint, tag.RESULT: result.to_json(),
-                                                             tag.STAGE_NAME: stage, tag.CODE_VERSION: self.code})
+    def _finish(self, stage: str, stage_fp: str, result: StageResult) -> StageResult:
+        self.cache.record(stage, stage_fp, result)
         self.results[stage] = result
         self.on_event(stage, "finished", self.run_link(result.run_id))
         return result
-
-    def _name(self, stage: str, stage_fingerprint: str) -> str:
-        """Deterministic per fingerprint (so a rerun resumes); a forced rerun gets the next free suffix."""
-        name = f"{self.spec.name}-{stage}-{stage_fingerprint[:10]}"
-        if stage in self.force:
-            taken = tracking.runs_with_tags(self.tracking_uri, self.spec.tracking.experiment, {tag.STAGE_FINGERPRINT: stage_fingerprint})
-            name += f"-r{len(taken)}" if taken else ""
-        return name
 
     # --- stages ----------------------------------------------------------------------------------
 
@@ -234,10 +172,7 @@ class WorkflowRunner:
             out = stage.out or str(self.workdir / "data" / name)
             stage_fp = fingerprint(key, stage.source, stage.config.model_dump(mode="json"), out,
                                    corpus_fingerprint(stage.source), self.code)
-            cached = self._cached(key, stage_fp)
-            if cached is not None:
-                self.results[key] = cached
-                self.on_event(key, "reused", self.run_link(cached.run_id))
+            if self._reused(key, stage_fp):
                 continue
             run_id = self._stage_run(key, stage_fp, {"source": stage.source, "out": out, "config": stage.config.model_dump(mode="json")})
             self.on_event(key, "running", self.run_link(run_id))
@@ -271,77 +206,16 @@ class WorkflowRunner:
         if stage.model_key:  # the model it starts from: named in its section, or the upstream stage's
             inputs.append(getattr(section, stage.model_key) or self.results[stage.model_from].model_uri)
         stage_fp = fingerprint(stage.name, section.model_dump(mode="json"), inputs, self.code)
-        cached = self._cached(stage.name, stage_fp)
-        if cached is not None:
-            self.results[stage.name] = cached
-            self.on_event(stage.name, "reused", self.run_link(cached.run_id))
-            return cached
+        if self._reused(stage.name, stage_fp):
+            return self.results[stage.name]
         self.on_event(stage.name, "running", "")
-        name = self._name(stage.name, stage_fp)
-        common = {"tracking": {**self.spec.tracking.model_dump(), "uri": self.tracking_uri}}
-        fields = section.model_dump(exclude={"dataset", *([stage.model_key] if stage.model_key else [])})
+        given = StageInputs(
+            name=self.cache.run_name(self.spec.name, stage.name, stage_fp), fingerprint=stage_fp, dataset=dataset,
+            model=inputs[1] if stage.model_key else None, parent_run_id=self.parent, storage_path=self.storage_path,
+            tracking=self.spec.tracking.model_copy(update={"uri": self.tracking_uri}), callbacks=tuple(self.search_callbacks))
         try:
-            result = stage.run(self, name, fields, dataset, common, inputs, stage_fp)
+            result = stage.run(section, given)
         except Exception:
             self.on_event(stage.name, "failed", "")
             raise
         return self._finish(stage.name, stage_fp, result)
-
-    def _pretrain(self, name, fields, dataset, common, inputs, stage_fp) -> StageResult:
-        from workflows.pretrain import PretrainConfig, run_pretrain
-
-        config = PretrainConfig.model_validate({**fields, **common, "name": name, "dataset": dataset.dataset_uri,
-                                                "storage_path": self.storage_path})
-        result = run_pretrain(config, parent_run_id=self.parent)
-        if result.offline:
-            from workflows.tracking import TrackingUnavailable
-
-            raise TrackingUnavailable(f"pre-training finished but MLflow at {self.tracking_uri} is unreachable: "
-                                      f"upload its model with `vitflow upload {result.offline}`, then run the workflow again")
-        model_uri = f"models:/{result.registered_name}/{result.version}" if result.version else result.model_uri
-        return StageResult(stage="pretrain", run_id=result.run_id, fingerprint=stage_fp, model_uri=model_uri,
-                           dataset_fingerprint=dataset.dataset_fingerprint, metrics=_numbers(result.metrics))
-
-    def _finetune(self, name, fields, dataset, common, inputs, stage_fp) -> StageResult:
-        from workflows.finetune import FinetuneSearchConfig, run_finetune
-
-        config = FinetuneSearchConfig.model_validate({**fields, **common, "name": name, "dataset": dataset.dataset_uri,
-                                                      "pretrained": inputs[1], "storage_path": self.storage_path})
-        result = run_finetune(config, parent_run_id=self.parent, callbacks=self.search_callbacks)
-        model_uri = f"models:/{result.registered_name}/{result.version}" if result.version else result.model_uri
-        return StageResult(stage="finetune", run_id=result.search_run_id, fingerprint=stage_fp, model_uri=model_uri,
-                           dataset_fingerprint=dataset.dataset_fingerprint, metrics={"test/top1": result.test_top1})
-
-    def _evaluate(self, name, fields, dataset, common, inputs, stage_fp) -> StageResult:
-        from workflows.evaluate import EvaluateConfig, run_evaluate
-
-        config = EvaluateConfig(model=inputs[1], dataset=dataset.dataset_uri, split=fields["split"],
-                                batch_size=fields["batch_size"], **common)
-        result = run_evaluate(config, parent_run_id=self.parent)
-        return StageResult(stage="evaluate", run_id=result.run_id, fingerprint=stage_fp,
-                           dataset_fingerprint=dataset.dataset_fingerprint,
-                           metrics={f"{config.split}/top1": result.top1, f"{config.split}/top5": result.top5})
-
-
-@dataclass(frozen=True)
-class TrainingStage:
-    """A stage after preprocessing, as the runner sees it: the spec section of its name, the model it starts
-    from (its section's ``model_key``, else the result of stage ``model_from``) and its adapter, which turns
-    the section into the stage's own typed config, runs it, and returns a ``StageResult``."""
-
-    name: str
-    run: Callable[..., StageResult]
-    model_key: str | None = None
-    model_from: str | None = None
-
-
-# In order: each may take the one before's model. A new stage is a row here and an adapter above.
-TRAINING_STAGES = (
-    TrainingStage("pretrain", WorkflowRunner._pretrain),
-    TrainingStage("finetune", WorkflowRunner._finetune, model_key="pretrained", model_from="pretrain"),
-    TrainingStage("evaluate", WorkflowRunner._evaluate, model_key="model", model_from="finetune"),
-)
-
-
-def _numbers(metrics: dict) -> dict[str, float]:
-    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}

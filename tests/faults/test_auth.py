@@ -16,7 +16,13 @@ import pytest
 import requests
 import yaml
 
-from tests.workflows.servers import LocalCluster, MlflowServer, NodeResources, free_port, processes_mentioning
+from tests.workflows.servers import (
+    LocalCluster,
+    MlflowServer,
+    NodeResources,
+    free_port,
+    processes_mentioning,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -36,7 +42,7 @@ def run_vitflow(*args: str, env: dict, timeout: float = 120):
 def auth_server(tmp_path_factory):
     """A tracking server with MLflow's basic-auth app: users in their own SQLite database, an admin whose
     password comes from the auth config, everyone else READ by default (MLflow's default)."""
-    from workflows.ui import server_command, server_env
+    from workflows.compute.ui import server_command, server_env
 
     root = tmp_path_factory.mktemp("mlflow-auth")
     admin = ("admin", secrets.token_urlsafe(16))
@@ -78,7 +84,7 @@ def test_anonymous_and_wrong_credentials_are_refused(auth_server, no_credentials
     import mlflow
 
     from workflows import tracking
-    from workflows.preflight import PreflightError, check_tracking
+    from workflows.stages.preflight import PreflightError, check_tracking
 
     server, admin = auth_server
     api = f"{server.url}/api/2.0/mlflow"
@@ -114,9 +120,9 @@ def test_an_authenticated_client_logs_a_run_and_registers_a_model(auth_server, n
     import mlflow
     import torch
 
-    from vit import ViTConfig, VisionTransformer
+    from vit import VisionTransformer, ViTConfig
     from workflows import tracking
-    from workflows.preflight import check_tracking
+    from workflows.stages.preflight import check_tracking
 
     server, admin = auth_server
     alice = create_user(server, admin, "alice")

@@ -20,7 +20,7 @@ import yaml
 from pipeline import ShardConfig, write_shards
 from tests.conftest import DATASETS
 from vit.data import DatasetError, check_dataset, read_dataset_index, train_loader
-from workflows.local_ray import temp_root
+from workflows.compute.local_ray import temp_root
 
 pytestmark = pytest.mark.slow
 
@@ -151,7 +151,7 @@ def one_class(tmp_path) -> Path:
 def test_the_pretraining_stage_refuses_before_mlflow_or_ray(one_class, tmp_path):
     import ray
 
-    from workflows.pretrain import PretrainConfig, run_pretrain
+    from workflows.stages.pretrain import PretrainConfig, run_pretrain
 
     store = tmp_path / "mlflow.db"
     config = PretrainConfig.model_validate({
@@ -167,7 +167,7 @@ def test_the_pretraining_stage_refuses_before_mlflow_or_ray(one_class, tmp_path)
 def test_the_finetuning_stage_refuses_before_loading_the_model(one_class, tmp_path):
     import ray
 
-    from workflows.finetune import FinetuneSearchConfig, run_finetune
+    from workflows.stages.finetune import FinetuneSearchConfig, run_finetune
 
     store = tmp_path / "mlflow.db"
     config = FinetuneSearchConfig.model_validate({

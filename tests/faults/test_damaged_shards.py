@@ -18,7 +18,11 @@ from pathlib import Path
 import pytest
 
 from pipeline import ShardConfig, write_shards
-from tests.faults.shard_damage import flip_image_headers, flip_mid_image_byte, truncate_mid_member
+from tests.faults.shard_damage import (
+    flip_image_headers,
+    flip_mid_image_byte,
+    truncate_mid_member,
+)
 from tests.test_cli import vitflow
 from tests.vit.test_loop import Recorder, data_config, tiny_model
 from vit.data import DataError, train_loader

@@ -15,9 +15,9 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from tests.faults.conftest import VITFLOW, checkpoint_steps, vitflow, wait_for
-from vit import ViTConfig, VisionTransformer
+from vit import VisionTransformer, ViTConfig
+from workflows.compute.local_ray import processes_under, temp_root
 from workflows.tracking.models import _write_plain_model
-from workflows.local_ray import processes_under, temp_root
 
 pytestmark = pytest.mark.slow
 

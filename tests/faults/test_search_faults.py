@@ -14,7 +14,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from tests.faults.conftest import vitflow, wait_for
-from vit import ViTConfig, VisionTransformer
+from vit import VisionTransformer, ViTConfig
 from workflows.tracking.models import _write_plain_model
 
 pytestmark = pytest.mark.slow

@@ -28,7 +28,7 @@ import yaml
 
 from pipeline import manifest
 from tests.conftest import SECRET_VARIABLES
-from vit import ViTConfig, VisionTransformer
+from vit import VisionTransformer, ViTConfig
 
 pytestmark = pytest.mark.slow
 
@@ -151,7 +151,12 @@ TINY = ViTConfig(image_size=8, patch_size=4, embed_dim=16, depth=1, num_heads=2,
 
 
 def test_a_malicious_checkpoint_is_refused_on_resume(tmp_path):
-    from vit.checkpoint import CHECKPOINT_FILE, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, load_checkpoint
+    from vit.checkpoint import (
+        CHECKPOINT_FILE,
+        CHECKPOINT_FORMAT,
+        CHECKPOINT_VERSION,
+        load_checkpoint,
+    )
     from vit.loop import TrainConfig, fit
 
     marker = tmp_path / "MARKER"
@@ -320,9 +325,10 @@ def test_the_leak_scan_finds_a_planted_secret(tmp_path):
     assert any("mlflow.db" in where for where in found)
 
 
-def test_secrets_in_the_environment_never_reach_mlflow(mini_workflow):
+def test_secrets_in_the_environment_never_reach_mlflow(mini_workflow, object_store):
     """A whole tiny workflow (shard, pre-train on Ray Train, a two-trial search, evaluation) run by
-    `vitflow run` with secrets in its environment: none of them is anywhere in the store."""
+    `vitflow run` with secrets in its environment, the object store's access keys among them: none of
+    them is anywhere in the tracking store, the bucket, the working folder (its Ray log included)."""
     from mlflow.tracking import MlflowClient
 
     uri = mini_workflow.tracking_uri
@@ -335,10 +341,12 @@ def test_secrets_in_the_environment_never_reach_mlflow(mini_workflow):
     named = [where for where in leaks(uri, [mini_workflow.username])
              if not where.startswith(str(mini_workflow.workdir / "mlflow.db"))]
     assert named and all(" mlflow.user: " in where for where in named), named
-    # Outside MLflow: checkpoints and Ray's run state (storage_path) hold none either.
-    storage = mini_workflow.workdir / "runs"
-    outside = [str(file) for file in storage.rglob("*") if file.is_file()
-               for value in mini_workflow.planted.values() if value.encode() in file.read_bytes()]
+    # Outside MLflow: the bucket (shards, checkpoints, Ray's run state) and the working folder hold none either.
+    stored = object_store.objects(mini_workflow.bucket)
+    assert any(name.startswith("runs/") for name in stored)  # the scan covers the run storage
+    outside = [name for name, data in stored.items() for value in mini_workflow.planted.values() if value.encode() in data]
+    outside += [str(file) for file in mini_workflow.workdir.rglob("*") if file.is_file() and "mlflow.db" not in file.name
+                for value in mini_workflow.planted.values() if value.encode() in file.read_bytes()]
     assert outside == [], outside
     print(f"secrets scan: {len(runs)} runs, `vitflow run` {mini_workflow.elapsed_s:.0f} s, no secret in the store "
           f"or the run storage")

@@ -356,8 +356,8 @@ def registered_spec(tmp_path, tracking_uri: str, pretrained: str, evaluate_model
 
 
 def test_models_missing_from_the_store_fail_the_preflight_at_their_key(tmp_path, registry):
-    from workflows.preflight import PreflightError
     from workflows.runner import WorkflowRunner
+    from workflows.stages.preflight import PreflightError
 
     uri, run_id = registry
 

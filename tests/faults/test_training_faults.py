@@ -19,7 +19,7 @@ from tests.faults.conftest import checkpoint_steps, vitflow, wait_for
 from tests.workflows.servers import MlflowServer, free_port
 from vit import VisionTransformer
 from workflows import tracking
-from workflows.pretrain import PretrainConfig, run_pretrain
+from workflows.stages.pretrain import PretrainConfig, run_pretrain
 
 pytestmark = pytest.mark.slow
 
@@ -107,7 +107,7 @@ def test_a_sigkilled_worker_is_replaced_and_loses_at_most_one_checkpoint_interva
 
 
 def mlflow_server(tmp_path: Path, port: int) -> MlflowServer:
-    from workflows.ui import server_command, server_env
+    from workflows.compute.ui import server_command, server_env
 
     (tmp_path / "server").mkdir(exist_ok=True)
     command = server_command(f"sqlite:///{tmp_path / 'server' / 'mlflow.db'}", tmp_path / "server" / "artifacts", port=port)

@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vit import ViTConfig, VisionTransformer, adapt_state_dict, load_pretrained, resample_pos_embed
+from vit import (
+    VisionTransformer,
+    ViTConfig,
+    adapt_state_dict,
+    load_pretrained,
+    resample_pos_embed,
+)
 
 
 def tiny(**overrides) -> ViTConfig:

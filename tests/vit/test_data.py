@@ -17,7 +17,13 @@ import torch
 import webdataset as wds
 
 from tests.conftest import DATASETS
-from vit.data import DataConfig, DataError, eval_loader, read_dataset_index, train_loader
+from vit.data import (
+    DataConfig,
+    DataError,
+    eval_loader,
+    read_dataset_index,
+    train_loader,
+)
 from vit.data.plan import plan_epoch, shard_order
 
 CLASS_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]

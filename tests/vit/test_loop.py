@@ -6,10 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.vit.test_data import write_dataset
 from vit import VisionTransformer, ViTConfig
-from vit.data import DataConfig, eval_loader, train_loader
 from vit.checkpoint import CHECKPOINT_FILE, load_checkpoint
+from vit.data import DataConfig, eval_loader, train_loader
 from vit.loop import NonFiniteLossError, TrainConfig, evaluate, fit
 from vit.optim import OptimConfig
 
@@ -56,11 +55,6 @@ def random_data(count: int = 32, batch_size: int = 4) -> TensorData:
     generator = torch.Generator().manual_seed(1)
     return TensorData(torch.randn(count, 3, 32, 32, generator=generator),
                       torch.randint(0, 10, (count,), generator=generator), batch_size)
-
-
-@pytest.fixture(scope="module")
-def cifar(tmp_path_factory):
-    return write_dataset(tmp_path_factory.mktemp("cifar"), {"train": [40, 24, 31, 33], "val": [20, 12]})
 
 
 def data_config(**overrides) -> DataConfig:

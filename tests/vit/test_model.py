@@ -7,7 +7,7 @@ import io
 import pytest
 import torch
 
-from vit import VARIANTS, ViTConfig, VisionTransformer, decode_variant
+from vit import VARIANTS, VisionTransformer, ViTConfig, decode_variant
 
 
 def tiny(**overrides) -> ViTConfig:

@@ -9,7 +9,13 @@ import pytest
 import torch
 
 from vit import VisionTransformer, ViTConfig
-from vit.optim import OptimConfig, build_optimizer, build_schedule, param_groups, warmup_cosine
+from vit.optim import (
+    OptimConfig,
+    build_optimizer,
+    build_schedule,
+    param_groups,
+    warmup_cosine,
+)
 
 
 def tiny_model(**overrides) -> VisionTransformer:

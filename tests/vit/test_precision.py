@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.vit.test_loop import Recorder, TensorData, cifar, data_config, tiny_model  # noqa: F401 (fixture)
+from tests.vit.test_loop import Recorder, TensorData, data_config, tiny_model
 from vit import train_flops
 from vit.checkpoint import load_checkpoint
 from vit.data import train_loader

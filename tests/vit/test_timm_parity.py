@@ -7,7 +7,14 @@ import torch
 from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer as TimmViT
 
-from vit import ViTConfig, VisionTransformer, decode_variant, from_timm_state_dict, resample_pos_embed, to_timm_state_dict
+from vit import (
+    VisionTransformer,
+    ViTConfig,
+    decode_variant,
+    from_timm_state_dict,
+    resample_pos_embed,
+    to_timm_state_dict,
+)
 
 
 def timm_model(config: ViTConfig) -> TimmViT:

@@ -18,7 +18,7 @@ def local_ray(tmp_path_factory):
     # A loaded machine (CI, or a benchmark beside the tests) can take over Ray Train's default 60 s to
     # start a worker group (each worker imports torch); the controller reads this at start.
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
-    from workflows.local_ray import TRIAL_DRIVER_RESOURCE
+    from workflows.compute.local_ray import TRIAL_DRIVER_RESOURCE
 
     ray.init(num_cpus=2, resources={TRIAL_DRIVER_RESOURCE: 2}, include_dashboard=True, _temp_dir=str(temp),
              logging_level="WARNING")

@@ -1,5 +1,6 @@
 """Real servers for the workflow tests, started as processes and stopped whatever happens:
-a multi-node Ray cluster on one machine (one ``ray start --block`` per node) and an MLflow server.
+a multi-node Ray cluster on one machine (one ``ray start --block`` per node, or worker nodes that the
+head's own autoscaler launches) and an MLflow server.
 
 Only processes these helpers started are ever stopped, by their ids: never ``ray stop`` (it stops
 every Ray on the machine, other users' clusters included). Each Ray node runs ``ray start --block``
@@ -9,6 +10,7 @@ anything left afterwards is found by the cluster's unique temp dir in its comman
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -18,12 +20,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import requests
 
-from workflows.local_ray import reap
+from workflows.compute.local_ray import reap
 
 VENV_BIN = Path(sys.executable).parent
 # How long a server gets to answer after it starts: a fresh SQLite store migrates first, and a loaded
@@ -57,6 +60,12 @@ class LocalCluster:
     gcs_port: int = field(default_factory=free_port)
     dashboard_port: int = field(default_factory=free_port)
     processes: list[subprocess.Popen] = field(default_factory=list)
+    extra_env: dict[str, str] = field(default_factory=dict)  # every node's and command's (e.g. object-store keys)
+    # Autoscaled worker node types ({"cpu1": {"resources": {"CPU": 1}, "node_config": {}, "min_workers": 0,
+    # "max_workers": 1}}): the head runs Ray's autoscaler with its fake multi-node provider, which starts
+    # a real raylet on this machine where a cloud provider would start a VM. Its demand is Ray's own:
+    # tasks and actors waiting for resources.
+    worker_types: Mapping[str, dict] | None = None
 
     temp_dir: Path = field(init=False)
 
@@ -87,7 +96,12 @@ class LocalCluster:
             # local driver sets the same; set here so no test depends on another having run first).
             "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "600",
             "MLFLOW_DISABLE_TELEMETRY": "true",
+            **self.extra_env,
         }
+
+    def node_home(self, index: int) -> Path:
+        """A node's own working folder (its raylet's cwd): nodes share no folder, as on separate machines."""
+        return self.root / f"node{index}-home"
 
     def start(self, timeout_s: float = 300) -> LocalCluster:  # a loaded 2-core machine is slow to start Ray
         self.root.mkdir(parents=True, exist_ok=True)
@@ -110,16 +124,47 @@ class LocalCluster:
             # Two raylets share one host: every fixed default port (agent 52365, workers 10002+) would clash.
             f"--dashboard-agent-listen-port={free_port()}", "--min-worker-port=0", "--max-worker-port=0",
         ]
+        env = self.env
         if index == 0:
             command += ["--head", f"--port={self.gcs_port}", "--include-dashboard=true",
                         "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
                         f"--ray-client-server-port={free_port()}"]
+            if self.worker_types:
+                command += [f"--autoscaling-config={self._autoscaling_config(resources)}"]
+                env = {**env, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
         else:
             command += [f"--address={self.address}"]
         log = open(self.root / f"node-{index}.log", "wb")
-        self.processes.append(subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                               start_new_session=True))
+        home, temp = self.node_home(index), self.temp_dir / f"node{index}" / "tmp"
+        home.mkdir(parents=True, exist_ok=True)
+        temp.mkdir(parents=True, exist_ok=True)
+        self.processes.append(subprocess.Popen(command, env={**env, "TMPDIR": str(temp)}, cwd=home, stdout=log,
+                                               stderr=subprocess.STDOUT, start_new_session=True))
         log.close()
+
+    def _autoscaling_config(self, head: NodeResources) -> Path:
+        """The cluster launcher's config for Ray's fake multi-node provider (its example.yaml, which the
+        wheel does not ship), pointed at this cluster's GCS; launched nodes inherit the head's environment
+        (the token, RAY_TMPDIR)."""
+        config = {
+            "cluster_name": "vitflow-test",
+            "max_workers": sum(t.get("max_workers", 0) for t in self.worker_types.values()),
+            "provider": {"type": "fake_multinode", "gcs_address": self.address, "use_node_id_as_ip": True,
+                         "disable_node_updaters": True, "disable_launch_config_check": True},
+            "available_node_types": {
+                "ray.head.default": {"resources": {"CPU": head.num_cpus}, "node_config": {}, "max_workers": 0},
+                **self.worker_types,
+            },
+            "head_node_type": "ray.head.default",
+            "auth": {}, "docker": {}, "upscaling_speed": 1.0, "idle_timeout_minutes": 10,
+            "initialization_commands": [], "setup_commands": [], "head_setup_commands": [],
+            "worker_setup_commands": [], "head_start_ray_commands": [], "worker_start_ray_commands": [],
+            "file_mounts": {}, "cluster_synced_files": [], "file_mounts_sync_continuously": False,
+            "rsync_exclude": [], "rsync_filter": [],
+        }
+        path = self.root / "autoscaling.json"
+        path.write_text(json.dumps(config))
+        return path
 
     def get(self, path: str, **params) -> requests.Response:
         return requests.get(f"{self.dashboard_url}{path}", params=params, timeout=10,

@@ -4,7 +4,10 @@ on this machine) with a real MLflow server: the pre-training's workers must land
 from __future__ import annotations
 
 import copy
+import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -15,7 +18,14 @@ import pytest
 import yaml
 
 from tests.conftest import REPO_ROOT
-from tests.workflows.servers import LocalCluster, MlflowServer, NodeResources, free_port, processes_mentioning
+from tests.workflows.servers import (
+    LocalCluster,
+    MlflowServer,
+    NodeResources,
+    free_port,
+    processes_mentioning,
+)
+from workflows.compute.jobs import SPEC_FOLDER
 
 
 def vitflow(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
@@ -74,18 +84,20 @@ def test_the_launcher_validation_catches_mistakes():
 
 
 @pytest.fixture(scope="module")
-def two_node_cluster(tmp_path_factory):
-    """Two raylets with 1 CPU each: two 1-CPU training workers can only run one per node."""
+def two_node_cluster(tmp_path_factory, object_store):
+    """Two raylets with 1 CPU each: two 1-CPU training workers can only run one per node. Each node has its
+    own working and temp folders; what they share is the object store (its keys in their environment, as a
+    cloud node has its instance role) and the tracking server."""
     root = tmp_path_factory.mktemp("cluster")
     node = NodeResources(num_cpus=1, memory=3 * 1024**3, object_store_memory=300 * 1024**2)
-    with LocalCluster(root, nodes=(node, node)) as cluster:
+    with LocalCluster(root, nodes=(node, node), extra_env=object_store.env) as cluster:
         yield cluster
     assert processes_mentioning(str(cluster.temp_dir)) == []  # nothing of the cluster outlives the test
 
 
 @pytest.fixture
 def tracking_server(tmp_path):
-    from workflows.ui import server_command, server_env
+    from workflows.compute.ui import server_command, server_env
 
     port = free_port()
     command = server_command(f"sqlite:///{tmp_path / 'server' / 'mlflow.db'}", tmp_path / "server" / "artifacts", port=port)
@@ -172,33 +184,94 @@ def test_a_failed_job_or_a_wrong_token_ends_submit_with_an_error(tmp_path, two_n
 
 
 @pytest.mark.slow
-def test_submit_a_workflow_to_a_two_node_cluster(tmp_path, cifar_source, flowers_source, two_node_cluster, tracking_server):
-    """`vitflow submit SPEC` (the default `run` command): the whole workflow as one Ray job, pre-training
-    DDP workers on both nodes, both models registered in the tracking server."""
+def test_a_workflow_on_two_nodes_sharing_no_disk_survives_a_killed_driver(tmp_path, cifar_source, flowers_source,
+                                                                         two_node_cluster, team_tracking_server,
+                                                                         object_store, bucket):
+    """`vitflow submit SPEC` (the default `run` command) of a workflow whose every location is an s3:// URI,
+    on two nodes that share no folder, tracked by a server on PostgreSQL with its artifacts in the store.
+    The job's driver is SIGKILLed mid pre-training; the same spec submitted again finishes from the state
+    found in the store and in MLflow alone: pre-training resumes from its checkpoint, one version of each
+    model is registered. Pre-training's two DDP workers ran one per node; nothing of the dataset or the
+    checkpoints is on a local disk outside Ray's temp folders."""
+    import sqlalchemy
     from mlflow.tracking import MlflowClient
 
     from tests.workflows.test_runner import mini_spec
 
     data = mini_spec(cifar_source, flowers_source)
-    data["tracking"] = {"uri": tracking_server.url, "experiment": "cluster-workflow"}
+    data["tracking"] = {"uri": team_tracking_server.url, "experiment": "cluster-workflow"}
     data["workdir"] = str(tmp_path / "work")
-    data["storage_path"] = str(tmp_path / "runs")  # one filesystem: both nodes see it (on a cloud: s3://)
+    data["storage_path"] = f"{bucket}/runs"
+    for name, stage in data["preprocess"].items():
+        stage["out"] = f"{bucket}/shards/{name}"
     data["pretrain"]["resources"] = {"num_workers": 2, "cpus_per_worker": 1}
+    data["pretrain"]["train"] = {"total_steps": 60, "log_every": 5, "checkpoint_every": 20}
     data["finetune"]["search"]["max_concurrent_trials"] = 1
     spec = tmp_path / "workflow.yaml"
     spec.write_text(yaml.safe_dump(data))
+    address = two_node_cluster.dashboard_url
 
-    result = vitflow("submit", str(spec), "--address", two_node_cluster.dashboard_url, "--wait", timeout=1500,
-                     env=two_node_cluster.env)
+    first = vitflow("submit", str(spec), "--address", address, env=two_node_cluster.env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    first_job = first.stdout.splitlines()[0]
+    checkpoints = lambda: [k for k in object_store.objects(f"{bucket}/runs") if "-pretrain-" in k and "/checkpoint_" in k]  # noqa: E731
+    deadline = time.monotonic() + 900
+    while not checkpoints():
+        assert time.monotonic() < deadline, "no pre-training checkpoint in the bucket within 900 s"
+        assert "FAILED" not in vitflow("status", first_job, "--address", address, env=two_node_cluster.env).stdout
+        time.sleep(1)
+    drivers = processes_mentioning(f"{SPEC_FOLDER}/{spec.name}")  # the entrypoint's shell and `vitflow run`
+    assert drivers, "the job's driver process was not found"
+    for pid in drivers:
+        os.kill(pid, signal.SIGKILL)
+    killed_at = time.time()
+    deadline = time.monotonic() + 120
+    while "FAILED" not in vitflow("status", first_job, "--address", address, env=two_node_cluster.env).stdout:
+        assert time.monotonic() < deadline, "the killed driver's job did not end"  # the kill hit the driver itself
+        time.sleep(1)
+
+    result = vitflow("submit", str(spec), "--address", address, "--wait", timeout=1500, env=two_node_cluster.env)
     assert result.returncode == 0, f"{result.stdout[-6000:]}\n{result.stderr[-3000:]}"
-    job_id = result.stdout.splitlines()[0]
-    ray_job_id = two_node_cluster.get(f"/api/jobs/{job_id}").json()["job_id"]
-    workers = two_node_cluster.state("actors", class_name="RayTrainWorker", job_id=ray_job_id)
+    assert "preprocess:cifar: reused" in result.stdout and "preprocess:flowers: reused" in result.stdout
+    jobs = [two_node_cluster.get(f"/api/jobs/{job}").json() for job in (first_job, result.stdout.splitlines()[0])]
+    # The store's keys are in the nodes' environment only: never in a job's entrypoint, metadata or runtime_env.
+    assert not [key for key in (object_store.access_key, object_store.secret_key) if key in json.dumps(jobs)]
     nodes = {node["node_id"] for node in two_node_cluster.alive_nodes()}
+    workers = [worker for job in jobs
+               for worker in two_node_cluster.state("actors", class_name="RayTrainWorker", job_id=job["job_id"])]
     # pre-training's two DDP workers, one per node (fine-tuning trials add 1-worker groups after them)
     assert len(nodes) == 2 and {worker["node_id"] for worker in workers} == nodes
 
-    client = MlflowClient(tracking_server.url, registry_uri=tracking_server.url)
-    assert len(client.search_model_versions("name = 'vit-pretrained'")) == 1
-    (finetuned,) = client.search_model_versions("name = 'vit-finetuned'")
+    client = MlflowClient(team_tracking_server.url, registry_uri=team_tracking_server.url)
+    experiment = client.get_experiment_by_name("cluster-workflow").experiment_id
+
+    def versions(name: str) -> list:
+        return [v for v in client.search_model_versions(f"name = '{name}'")
+                if client.get_run(v.run_id).info.experiment_id == experiment]  # the server is shared
+
+    assert len(versions("vit-pretrained")) == 1
+    (finetuned,) = versions("vit-finetuned")
     assert client.get_model_version_by_alias("vit-finetuned", "champion").version == finetuned.version
+    pretrain_runs = client.search_runs([experiment], "tags.`vitflow.stage` = 'pretrain'")
+    assert len(pretrain_runs) == 1, [(r.info.run_name, r.info.status, r.info.start_time, r.data.tags) for r in pretrain_runs]
+    pretrain_run = pretrain_runs[0]
+    losses = client.get_metric_history(pretrain_run.info.run_id, "train/loss")
+    assert {m.step for m in losses} == set(range(5, 61, 5))  # the same run, resumed, no gap
+    resumed_from = min(m.step for m in losses if m.timestamp / 1000 > killed_at) - 5
+    assert resumed_from >= 20 and resumed_from % 20 == 0  # from a checkpoint in the store, not from step 0
+
+    stored = object_store.objects(bucket)
+    assert {"shards/cifar/dataset.json", "shards/flowers/dataset.json"} <= set(stored)
+    assert any("-finetune-" in key and "/experiment_state" in key for key in stored)  # Tune's state
+    assert any(key.endswith("/MLmodel") for key in object_store.objects(team_tracking_server.artifacts))
+    assert client.get_experiment(experiment).artifact_location.startswith("mlflow-artifacts:")  # proxied by the server
+    with sqlalchemy.create_engine(team_tracking_server.database).connect() as connection:  # the runs are in PostgreSQL
+        stored = connection.execute(sqlalchemy.text("SELECT count(*) FROM runs WHERE experiment_id = :e"),
+                                    {"e": int(experiment)}).scalar()
+    assert stored == len(client.search_runs([experiment])) >= 6
+    local = [p for root in (tmp_path, two_node_cluster.root) for p in root.rglob("*") if p.is_file()]
+    landed = [p for p in local if p.suffix == ".tar" or p.name == "dataset.json" or "checkpoint_" in str(p)
+              or p.suffix in (".pt", ".safetensors")]
+    assert landed == [], landed
+    print(f"\nRELIABILITY 2 nodes, no shared disk: driver SIGKILLed after a checkpoint reached the bucket; the "
+          f"resubmitted job reused both shard sets and resumed pre-training from step {resumed_from}")

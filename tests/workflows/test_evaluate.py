@@ -6,17 +6,17 @@ from __future__ import annotations
 import json
 import os
 
+import mlflow
 import pyarrow.parquet as pq
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-import mlflow
 from vit import VisionTransformer, decode_variant
 from vit.data import DataConfig, eval_loader, train_loader
 from vit.loop import TrainConfig, fit
 from workflows import tracking
-from workflows.evaluate import EvaluateConfig, run_evaluate
+from workflows.stages.evaluate import EvaluateConfig, run_evaluate
 
 NORM = {"mean": (0.5, 0.45, 0.4), "std": (0.25, 0.25, 0.25)}
 

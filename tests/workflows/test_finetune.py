@@ -5,17 +5,23 @@ from __future__ import annotations
 
 import dataclasses
 
+import mlflow
 import pyarrow.parquet as pq
 import pytest
 from mlflow.tracking import MlflowClient
 
-import mlflow
 from vit import VisionTransformer, decode_variant
 from vit.data import DataConfig, train_loader
 from vit.finetune import FinetuneConfig
 from vit.loop import TrainConfig, fit
 from workflows import tracking
-from workflows.finetune import FinetuneSearchConfig, _finished_trial_result, pareto_front, run_finetune, trial_configs
+from workflows.stages.finetune import (
+    FinetuneSearchConfig,
+    _finished_trial_result,
+    pareto_front,
+    run_finetune,
+    trial_configs,
+)
 
 CIFAR_NORM = {"mean": (0.49, 0.48, 0.45), "std": (0.25, 0.24, 0.26)}
 

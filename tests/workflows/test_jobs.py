@@ -6,7 +6,7 @@ import time
 
 from tests.test_cli import vitflow
 from tests.workflows.servers import free_port
-from workflows.jobs import SPEC_FOLDER, ship
+from workflows.compute.jobs import SPEC_FOLDER, ship
 
 
 def test_a_job_ships_the_project_and_the_spec_but_no_environments_runs_or_data(tmp_path):

@@ -10,7 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from workflows.local_ray import DriverBusyError, driver_lock, lock_path, processes_under, reap, settle
+from workflows.compute.local_ray import (
+    DriverBusyError,
+    driver_lock,
+    lock_path,
+    processes_under,
+    reap,
+    settle,
+)
 
 
 def start(root: Path, setup: str = "", then: str = "time.sleep(300)") -> subprocess.Popen:

@@ -15,7 +15,6 @@ from tests.workflows import browser
 from tests.workflows.servers import MlflowServer, free_port
 
 
-
 def vitflow_ui(store: Path, port: int) -> list[str]:
     exe = shutil.which("vitflow") or str(Path(sys.executable).parent / "vitflow")
     return [exe, "ui", "--tracking-uri", f"sqlite:///{store / 'mlflow.db'}", "--port", str(port)]

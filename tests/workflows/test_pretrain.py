@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from vit import VisionTransformer, probe, resolve_precision
 from workflows import tracking
-from workflows.pretrain import PretrainConfig, run_pretrain
+from workflows.stages.pretrain import PretrainConfig, run_pretrain
 from workflows.tracking.runs import _using
 
 

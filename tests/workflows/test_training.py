@@ -1,4 +1,4 @@
-"""The training function every worker and in-process trial runs (workflows.training._train), outside Ray:
+"""The training function every worker and in-process trial runs (workflows.compute.training._train), outside Ray:
 real CIFAR-10 shards, a real MLflow store. It records the precision it resolved on its device (forced to a
 CPU without bf16 by capping oneDNN's ISA in a subprocess), the hardware it resolved it for, the speed
 figures and the machine's system metrics."""
@@ -24,7 +24,7 @@ import json, sys, torch
 from vit import ViTConfig
 from vit.data import DataConfig
 from vit.loop import TrainConfig
-from workflows.training import WorkerSession, WorkerSpec, _train
+from workflows.compute.training import WorkerSession, WorkerSpec, _train
 cfg = json.loads(sys.argv[1])
 spec = WorkerSpec(model=ViTConfig.from_dict(cfg.pop("model")), data=DataConfig.from_dict(cfg.pop("data")),
                   train=TrainConfig.from_dict(cfg.pop("train")), class_names=tuple(cfg.pop("class_names")), **cfg)
@@ -78,7 +78,7 @@ def test_a_worker_spec_is_checked_where_the_stage_builds_it():
     from vit import ViTConfig
     from vit.data import DataConfig
     from vit.loop import TrainConfig
-    from workflows.training import WorkerSpec
+    from workflows.compute.training import WorkerSpec
 
     fields = dict(model=ViTConfig(image_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=2),
                   data=DataConfig(), train=TrainConfig(total_steps=1), dataset="/data/shards", class_names=("a", "b"),

@@ -13,7 +13,14 @@ The names below are the package's public API.
 """
 
 from vit.data.config import IMAGENET_MEAN, IMAGENET_STD, DataConfig
-from vit.data.index import DataError, DatasetError, DatasetIndex, check_class_map, check_dataset, read_dataset_index
+from vit.data.index import (
+    DataError,
+    DatasetError,
+    DatasetIndex,
+    check_class_map,
+    check_dataset,
+    read_dataset_index,
+)
 from vit.data.loader import Batch, ShardLoader, eval_loader, train_loader
 
 __all__ = [

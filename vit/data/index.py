@@ -17,6 +17,7 @@ FORMAT_NAME = "vitflow-shards"
 FORMAT_VERSION = 1
 DATASET_FILE = "dataset.json"
 MANIFEST_FILE = "manifest.parquet"
+READ_AHEAD = 8 << 20  # bytes per request when streaming a shard from an object store
 
 
 class DataError(RuntimeError):
@@ -67,13 +68,26 @@ def is_url(path: str) -> bool:
     return "://" in path
 
 
-def open_binary(url: str):
-    """A local path or a URL (through fsspec), opened for binary reading."""
-    if is_url(url):
-        import fsspec  # only for object stores / http; local files need nothing beyond the stdlib
+def open_binary(url: str, *, seekable: bool = False):
+    """A local path or a URL, opened for binary reading: object stores through ``pyarrow.fs`` (s3://,
+    gs://, hdfs://; endpoint and credentials from the standard environment, e.g. ``AWS_ENDPOINT_URL``),
+    other schemes through fsspec. The same rule as ``pipeline.storage``, which ``vit`` does not import.
+    ``seekable`` for random access (Parquet); otherwise a stream read ahead in large blocks (an object
+    store answers each read with a request: tar's 10 KB reads must not each become one)."""
+    if not is_url(url):
+        return open(url, "rb")
+    import pyarrow as pa
+    import pyarrow.fs as pafs
+
+    try:
+        fs, path = pafs.FileSystem.from_uri(url)
+    except pa.ArrowInvalid:  # a scheme pyarrow has no filesystem for
+        import fsspec
 
         return fsspec.open(url, "rb").open()
-    return open(url, "rb")
+    if seekable:
+        return fs.open_input_file(path)
+    return fs.open_input_stream(path, compression=None, buffer_size=READ_AHEAD)
 
 
 def read_dataset_index(dataset_dir: str | Path) -> DatasetIndex:
@@ -177,7 +191,7 @@ def _manifest_label_problems(index: DatasetIndex) -> list[str]:
 
     path = posixpath.join(index.root, MANIFEST_FILE) if is_url(index.root) else str(Path(index.root) / MANIFEST_FILE)
     try:
-        with open_binary(path) as handle:
+        with open_binary(path, seekable=True) as handle:
             table = pq.read_table(handle, columns=["split", "label", "label_name"])
     except FileNotFoundError:
         return []  # optional for readers (docs/FORMAT.md): shards written by other tools may lack it

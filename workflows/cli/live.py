@@ -36,7 +36,7 @@ from workflows.configs import MODES, FinetuneSettings
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 RAY_PREFIX = re.compile(r"^\((?P<actor>[\w.]+) pid=\d+(?:, ip=[\d.]+)?\)\s*")  # Ray's forwarded-line prefix
 RAY_REPEATED = re.compile(r"\s*\[repeated \d+x across cluster\]$")
-# The lines rank 0 prints (workflows.training): its setup, and Progress's "step N/T | loss ... | img/s | ETA"
+# The lines rank 0 prints (workflows.compute.training): its setup, and Progress's "step N/T | loss ... | img/s | ETA"
 # (not vit.loop's "step N/T key=value ..." line, which stays in the log file).
 STEP_LINE = re.compile(r"^step \d+/\d+(?: \| |$)")
 SETUP_LINE = re.compile(r"^\d+ worker\(s\) on \S+,|^resuming from ")

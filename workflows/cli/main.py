@@ -75,7 +75,7 @@ def _preflight(config: Path | None, dataset_key: str, dataset: str, tracking_key
     """Before a stage command starts Ray or opens a run: its dataset reads and its tracking server answers
     (MLflow's client would retry an unreachable server for minutes)."""
     from vit.data import DataError, read_dataset_index
-    from workflows.preflight import PreflightError, check_tracking
+    from workflows.stages.preflight import PreflightError, check_tracking
     from workflows.tracking import TrackingUnavailable
 
     where = f"{config}: " if config else ""
@@ -109,8 +109,8 @@ def validate(
     if not offline:
         import os
 
-        from workflows.preflight import PreflightError
         from workflows.runner import WorkflowRunner
+        from workflows.stages.preflight import PreflightError
         from workflows.tracking import TrackingUnavailable
 
         try:
@@ -140,7 +140,7 @@ def run(
     Finished stages whose configuration, inputs and code are unchanged are reused; a killed workflow
     run again continues where it stopped."""
     from workflows.cli.live import WorkflowConsole
-    from workflows.local_ray import DriverBusyError
+    from workflows.compute.local_ray import DriverBusyError
     from workflows.runner import WorkflowRunner
     from workflows.spec import SpecError, load_spec
     from workflows.tracking import TrackingUnavailable
@@ -175,8 +175,8 @@ def finetune(
     """Fine-tune a pre-trained ViT with a Ray Tune search over resolution and learning rate; register the
     best trial as vit-finetuned (alias champion when it beats the current one on the same test split)."""
     from workflows.cli.live import WorkflowConsole
-    from workflows.finetune import load_config, run_finetune
-    from workflows.local_ray import DriverBusyError
+    from workflows.compute.local_ray import DriverBusyError
+    from workflows.stages.finetune import load_config, run_finetune
 
     settings = _load_stage_config(config, load_config)
     _preflight(config, "dataset", settings.dataset, "tracking.uri", settings.tracking.uri)
@@ -199,7 +199,7 @@ def finetune(
 @app.command()
 def evaluate(
     model: str = typer.Argument(..., help="models:/vit-finetuned@champion, models:/NAME/VERSION, runs:/ID/model or a folder"),
-    dataset: Path = typer.Argument(..., help="a shard folder written by `vitflow shard`"),
+    dataset: str = typer.Argument(..., help="a shard folder or object-store prefix written by `vitflow shard`"),
     split: str = typer.Option("test", help="the split to evaluate on"),
     tracking_uri: str | None = typer.Option(None, help="MLflow tracking URI (default: ./mlflow.db)"),
     experiment: str = typer.Option("vitflow", help="MLflow experiment of the evaluation run"),
@@ -209,7 +209,7 @@ def evaluate(
     model; logged to MLflow as a child of the model's run."""
     from pydantic import ValidationError
 
-    from workflows.evaluate import EvaluateConfig, run_evaluate
+    from workflows.stages.evaluate import EvaluateConfig, run_evaluate
 
     _preflight(None, "DATASET", str(dataset), "--tracking-uri", tracking_uri)
     try:
@@ -237,8 +237,8 @@ def pretrain(
     Running again with the same `name` resumes an interrupted run from its last checkpoint."""
     from vit.data import check_dataset, read_dataset_index
     from workflows.cli.live import WorkflowConsole
-    from workflows.local_ray import DriverBusyError, embedded_ray
-    from workflows.pretrain import load_config, run_pretrain
+    from workflows.compute.local_ray import DriverBusyError, embedded_ray
+    from workflows.stages.pretrain import load_config, run_pretrain
 
     settings = _load_stage_config(config, load_config)
     _preflight(config, "dataset", settings.dataset, "tracking.uri", settings.tracking.uri)
@@ -288,7 +288,7 @@ def upload(
         typer.echo(f"registered: models:/{done.registered_name}/{done.version}")
 
 
-# --- cluster commands: Ray Jobs API (workflows.jobs) and the MLflow UI (workflows.ui) ---
+# --- cluster commands: Ray Jobs API (workflows.compute.jobs) and the MLflow UI (workflows.compute.ui) ---
 
 DASHBOARD = typer.Option("http://127.0.0.1:8265", "--address", envvar="RAY_API_SERVER_ADDRESS",
                          help="the head's dashboard (Jobs API); 8265 on localhost after `ray dashboard cluster.yaml`")
@@ -305,7 +305,7 @@ def submit(
                                  "logs (else it keeps them in a log file on the cluster)"),
 ) -> None:
     """Submit `vitflow COMMAND SPEC` to a Ray cluster through the Jobs API; print the job id."""
-    from workflows import jobs
+    from workflows.compute import jobs
 
     if not spec.is_file():
         fail(f"{spec}: no such file")
@@ -329,7 +329,7 @@ def _check_pretrain_config(spec: Path) -> None:
     import yaml
     from pydantic import ValidationError
 
-    from workflows.pretrain import load_config
+    from workflows.stages.pretrain import load_config
 
     try:
         load_config(spec)
@@ -338,7 +338,7 @@ def _check_pretrain_config(spec: Path) -> None:
 
 
 def _follow_to_the_end(client, job_id: str) -> NoReturn:
-    from workflows import jobs
+    from workflows.compute import jobs
 
     try:
         state = jobs.follow(client, job_id)
@@ -354,7 +354,7 @@ def _follow_to_the_end(client, job_id: str) -> NoReturn:
 @app.command()
 def status(job_id: str = typer.Argument(..., help="a job id printed by `vitflow submit`"), address: str = DASHBOARD) -> None:
     """Print a submitted job's status (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED)."""
-    from workflows import jobs
+    from workflows.compute import jobs
 
     try:
         state = jobs.job_state(jobs.connect(address), job_id)
@@ -370,7 +370,7 @@ def logs(
     follow: bool = typer.Option(False, "--follow", "-f", help="stream until the job ends; exit with its outcome"),
 ) -> None:
     """Print a submitted job's logs."""
-    from workflows import jobs
+    from workflows.compute import jobs
 
     try:
         client = jobs.connect(address)
@@ -392,7 +392,7 @@ def ui(
     """Start the MLflow UI on a vitflow store (Ctrl-C stops it)."""
     import os
 
-    from workflows import ui as mlflow_ui
+    from workflows.compute import ui as mlflow_ui
     from workflows.tracking import default_tracking_uri
 
     if spec is not None and tracking_uri is None:

@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
@@ -94,7 +93,7 @@ def write(
         ...,
         help="an image folder, a Parquet file or folder (HF image layout), or a CSV/Parquet manifest table; a local path or URI",
     ),
-    out: Path = typer.Argument(..., help="output folder (created; an earlier run there is resumed)"),
+    out: str = typer.Argument(..., help="output folder or object-store prefix (s3://bucket/path; created; an earlier run there is resumed)"),
     max_size: int | None = typer.Option(None, help="resize so the shorter side is at most this (never upscales)"),
     resample: str = typer.Option("bicubic", help="resize filter: bicubic or bilinear"),
     quality: int = typer.Option(90, help="JPEG quality for re-encoded images"),
@@ -111,7 +110,9 @@ def write(
     source_kind: str = typer.Option("auto", help="auto, folder, parquet or manifest"),
     class_names: str | None = typer.Option(None, help="comma-separated class names (Parquet / manifest sources)"),
     workers: int | None = typer.Option(
-        None, help="shard tasks at once (default: all CPUs; 0: in this process, no Ray)"
+        None,
+        help="shard tasks at once (default: the Ray cluster's CPUs, followed as nodes join, plus queued tasks "
+        "that an autoscaler sees as demand; 0: in this process, no Ray)",
     ),
     address: str | None = typer.Option(None, help="Ray cluster address (default: start a local Ray)"),
     progress: bool = typer.Option(True, help="show a progress bar"),
@@ -149,7 +150,9 @@ def write(
     except SourceError as error:
         fail(str(error))
 
-    from rich.console import Console  # the heavy part (torch, Ray) only once the inputs check out
+    from rich.console import (
+        Console,  # the heavy part (torch, Ray) only once the inputs check out
+    )
 
     from pipeline.shards import StorageError, write_shards
 
@@ -163,7 +166,7 @@ def write(
 
 
 @shard_app.command("verify")
-def verify(out: Path = typer.Argument(..., help="a folder written by `vitflow shard`")) -> None:
+def verify(out: str = typer.Argument(..., help="a folder or object-store prefix written by `vitflow shard`")) -> None:
     """Recompute every shard's sha256 and sample count; exit 1 listing damaged shards."""
     from pipeline.verify import verify_shards
 
@@ -171,6 +174,8 @@ def verify(out: Path = typer.Argument(..., help="a folder written by `vitflow sh
         report = verify_shards(out)
     except (FileNotFoundError, ValueError) as error:
         fail(str(error))
+    except OSError as error:  # the store cannot be read (unreachable, no such bucket, no permission)
+        fail(str(error), code=1)
     if not report.ok:
         for damaged in report.damaged:
             typer.echo(f"damaged: {damaged.path}: {damaged.problem}", err=True)

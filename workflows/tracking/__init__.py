@@ -56,7 +56,11 @@ from workflows.tracking.runs import (
     start_run,
     wait_reachable,
 )
-from workflows.tracking.system import SYSTEM_METRICS_INTERVAL_S, SystemMetrics, start_system_metrics
+from workflows.tracking.system import (
+    SYSTEM_METRICS_INTERVAL_S,
+    SystemMetrics,
+    start_system_metrics,
+)
 
 # `models` and `offline` import torch and the ViT (seconds); `vitflow ui` and the run queries need
 # neither, so these names load on first use (PEP 562).

@@ -21,7 +21,7 @@ import torch
 from mlflow.models import infer_signature
 from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
 
-from vit import ViTConfig, VisionTransformer
+from vit import VisionTransformer, ViTConfig
 from vit.checkpoint import load_weights_only
 from vit.data import IMAGENET_MEAN, IMAGENET_STD, DataConfig, eval_loader
 from workflows.tracking.runs import _using, client, log_artifacts, missing_store

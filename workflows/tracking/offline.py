@@ -11,8 +11,16 @@ from pathlib import Path
 
 from vit import VisionTransformer
 from vit.checkpoint import model_from_checkpoint
-from workflows.tracking.metrics import OFFLINE_METRICS, read_spilled_metrics, send_metrics
-from workflows.tracking.models import _write_plain_model, load_plain_model, log_vit_model
+from workflows.tracking.metrics import (
+    OFFLINE_METRICS,
+    read_spilled_metrics,
+    send_metrics,
+)
+from workflows.tracking.models import (
+    _write_plain_model,
+    load_plain_model,
+    log_vit_model,
+)
 from workflows.tracking.registry import register_model
 from workflows.tracking.runs import TrackingUnavailable, end_run, wait_reachable
 

@@ -14,6 +14,7 @@ from vit.data import check_class_map, eval_loader, read_dataset_index
 from workflows import tags as tag
 from workflows import tracking
 from workflows.configs import EvaluateConfig
+from workflows.results import StageInputs, StageResult
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,16 @@ class EvaluateResult:
     top5: float
     per_class_accuracy: dict[str, float | None]
     num_samples: int
+
+
+def run_stage(section, inputs: StageInputs) -> StageResult:
+    """The workflow's evaluation stage (its spec section: ``split``, ``batch_size``) of the model given."""
+    config = EvaluateConfig(model=inputs.model, dataset=inputs.dataset.dataset_uri, split=section.split,
+                            batch_size=section.batch_size, tracking=inputs.tracking)
+    result = run_evaluate(config, parent_run_id=inputs.parent_run_id)
+    return StageResult(stage="evaluate", run_id=result.run_id, fingerprint=inputs.fingerprint,
+                       dataset_fingerprint=inputs.dataset.dataset_fingerprint,
+                       metrics={f"{config.split}/top1": result.top1, f"{config.split}/top5": result.top5})
 
 
 def run_evaluate(config: EvaluateConfig, *, parent_run_id: str | None = None) -> EvaluateResult:

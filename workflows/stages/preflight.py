@@ -23,11 +23,13 @@ class PreflightError(ValueError):
     """An input, a server or a model the work needs is missing, unreachable or refuses us."""
 
 
-def check_workflow(spec: WorkflowSpec, tracking_uri: str, ray_address: str | None) -> None:
+def check_workflow(spec: WorkflowSpec, tracking_uri: str, ray_address: str | None,
+                   storage_path: str | None = None) -> None:
     """Everything :class:`workflows.runner.WorkflowRunner` needs before it starts Ray or opens a run.
-    The tracking URI and Ray address come from the spec or, on a cluster, the environment: errors name
-    whichever gave them."""
+    The tracking URI, storage path and Ray address come from the spec or, on a cluster, the environment:
+    errors name whichever gave them."""
     check_sources(spec)
+    check_storage(spec, storage_path)
     check_tracking(tracking_uri, key="tracking.uri" if spec.tracking.uri else "MLFLOW_TRACKING_URI")
     if ray_address:
         check_ray(ray_address, key="ray.address" if spec.ray.address else "RAY_ADDRESS")
@@ -38,6 +40,27 @@ def check_sources(spec: WorkflowSpec) -> None:
     for name, stage in spec.preprocess.items():
         if "://" not in stage.source and not Path(stage.source).exists():
             raise PreflightError(f"preprocess.{name}.source: {stage.source}: no such file or folder")
+
+
+def check_storage(spec: WorkflowSpec, storage_path: str | None) -> None:
+    """Every object-store location must be reachable with this environment's credentials and its bucket
+    must exist (a missing bucket would otherwise surface minutes later, as a failed task or a Ray Train
+    controller that dies at start); a corpus in a store must be there. Local folders are made as needed."""
+    from pipeline.storage import Location, StorageError, is_uri
+
+    locations = [(f"preprocess.{name}.source", stage.source, True) for name, stage in spec.preprocess.items()]
+    locations += [(f"preprocess.{name}.out", stage.out, False) for name, stage in spec.preprocess.items()]
+    locations.append(("storage_path" if spec.storage_path else "VITFLOW_STORAGE", storage_path, False))
+    for key, uri, must_exist in locations:
+        if not uri or not is_uri(uri):
+            continue
+        try:
+            location = Location(uri)
+            location.check_bucket()
+            if must_exist and not location.exists():
+                raise PreflightError(f"{key}: {uri}: no such object or prefix in the store")
+        except StorageError as error:
+            raise PreflightError(f"{key}: {error}") from None
 
 
 def check_tracking(tracking_uri: str, *, key: str, timeout_s: float = PROBE_TIMEOUT_S) -> None:

@@ -290,7 +290,13 @@ def persist_checkpoint(folder: str, run_storage: str, keep: int = 1) -> str:
     _, names = persisted_checkpoints(run_storage)
     for old in names[:-keep]:
         fs.delete_dir(old)
-    return target if "://" not in run_storage else f"{run_storage.split('://', 1)[0]}://{target}"
+    return storage_uri(run_storage, target)
+
+
+def storage_uri(run_storage: str, path: str) -> str:
+    """A path inside ``run_storage``'s file system (as :func:`persisted_checkpoints` lists them) as a
+    location the rest of the code can open: the path itself locally, ``scheme://path`` in an object store."""
+    return path if "://" not in run_storage else f"{run_storage.split('://', 1)[0]}://{path}"
 
 
 def checkpoint_step(folder: str | None) -> int:
@@ -314,12 +320,10 @@ def persisted_checkpoints(run_storage: str):
 
 
 def _filesystem(run_storage: str):
-    """(pyarrow file system, path in it) of a local path or a URI."""
-    import pyarrow.fs as pafs
+    """(pyarrow file system, path in it) of a local path or a URI: resolved where every location is."""
+    from pipeline.storage import filesystem
 
-    if "://" not in run_storage:
-        return pafs.LocalFileSystem(), run_storage
-    return pafs.FileSystem.from_uri(run_storage)
+    return filesystem(run_storage)
 
 
 def newest_persisted_checkpoint(run_storage: str | None, than_step: int, scratch: str | Path) -> str | None:

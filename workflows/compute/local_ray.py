@@ -25,6 +25,7 @@ import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
+
 class DriverBusyError(RuntimeError):
     """Another live driver runs the same workflow (same working directory)."""
 
@@ -134,7 +135,7 @@ def driver_lock(workdir: str | Path) -> Iterator[bool]:
 
 
 # A custom resource vitflow's own Ray declares (a cluster declares it on its head node, see cluster.yaml):
-# what a trial of several workers holds while its Ray Train workers hold the CPUs (workflows/finetune.py).
+# what a trial of several workers holds while its Ray Train workers hold the CPUs (workflows/stages/finetune.py).
 TRIAL_DRIVER_RESOURCE = "vitflow_trial_driver"
 
 

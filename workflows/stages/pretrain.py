@@ -22,8 +22,14 @@ from vit.checkpoint import model_from_checkpoint
 from vit.data import check_dataset, read_dataset_index
 from workflows import tags as tag
 from workflows import tracking
-from workflows.configs import PretrainConfig, absolute_uri, load_yaml_config
-from workflows.training import WorkerSpec, system_tags, torch_trainer
+from workflows.compute.training import WorkerSpec, system_tags, torch_trainer
+from workflows.configs import (
+    PretrainConfig,
+    PretrainSettings,
+    absolute_uri,
+    load_yaml_config,
+)
+from workflows.results import StageInputs, StageResult, numbers
 
 
 @dataclass(frozen=True)
@@ -41,6 +47,21 @@ class PretrainResult:
 
 def load_config(path: str | Path) -> PretrainConfig:
     return load_yaml_config(path, PretrainConfig)
+
+
+def run_stage(section: PretrainSettings, inputs: StageInputs) -> StageResult:
+    """The workflow's pre-training stage: its spec section, run under the runner's name and storage."""
+    config = PretrainConfig.model_validate({
+        **section.model_dump(exclude={"dataset"}), "tracking": inputs.tracking.model_dump(), "name": inputs.name,
+        "dataset": inputs.dataset.dataset_uri, "storage_path": inputs.storage_path})
+    result = run_pretrain(config, parent_run_id=inputs.parent_run_id)
+    if result.offline:
+        raise tracking.TrackingUnavailable(
+            f"pre-training finished but MLflow at {inputs.tracking.uri} is unreachable: upload its model with "
+            f"`vitflow upload {result.offline}`, then run the workflow again")
+    model_uri = f"models:/{result.registered_name}/{result.version}" if result.version else result.model_uri
+    return StageResult(stage="pretrain", run_id=result.run_id, fingerprint=inputs.fingerprint, model_uri=model_uri,
+                       dataset_fingerprint=inputs.dataset.dataset_fingerprint, metrics=numbers(result.metrics))
 
 
 def run_pretrain(config: PretrainConfig, *, parent_run_id: str | None = None, console=None) -> PretrainResult:

@@ -3,8 +3,10 @@ out its own shard tasks), and what its MLflow run records."""
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
+from pipeline.storage import Location
 from workflows import tags as tag
 from workflows import tracking
 
@@ -26,7 +28,10 @@ def log_preprocess(tracking_uri: str, run_id: str, summary: dict) -> None:
         "inputs": summary["num_inputs"], "sharded": summary["num_sharded"], "quarantined": summary["num_quarantined"],
         "images_per_sec": summary["images_per_second"], "shards_built": summary["built"], "shards_reused": summary["reused"]})
     tracking.set_tags(tracking_uri, run_id, {tag.DATASET_FINGERPRINT: summary["fingerprint"]})
-    tracking.log_dataset(tracking_uri, run_id, summary["out"], name=Path(summary["out"]).name,
-                         digest=summary["fingerprint"], context="shards")
-    tracking.log_artifacts(tracking_uri, run_id, [Path(summary["out"]) / "dataset.json"], "dataset")
+    out = Location(summary["out"])
+    tracking.log_dataset(tracking_uri, run_id, out.uri, name=out.name, digest=summary["fingerprint"], context="shards")
+    with tempfile.TemporaryDirectory() as tmp:  # the dataset may be in an object store: a local copy to log
+        index = Path(tmp) / "dataset.json"
+        index.write_bytes((out / "dataset.json").read_bytes())
+        tracking.log_artifacts(tracking_uri, run_id, [index], "dataset")
     tracking.end_run(tracking_uri, run_id)

@@ -31,16 +31,26 @@ from vit.finetune import FinetuneConfig
 from vit.loop import TrainConfig
 from workflows import tags as tag
 from workflows import tracking
-from workflows.configs import METRIC, MODES, FinetuneSearchConfig, Resources, absolute_uri, load_yaml_config
-from workflows.local_ray import TRIAL_DRIVER_RESOURCE, embedded_ray
-from workflows.training import (
+from workflows.compute.local_ray import TRIAL_DRIVER_RESOURCE, embedded_ray
+from workflows.compute.training import (
     PretrainedStart,
     WorkerSpec,
     newest_persisted_checkpoint,
     persisted_checkpoints,
-    train_in_trial,
+    storage_uri,
     torch_trainer,
+    train_in_trial,
 )
+from workflows.configs import (
+    METRIC,
+    MODES,
+    FinetuneSearchConfig,
+    FinetuneSettings,
+    Resources,
+    absolute_uri,
+    load_yaml_config,
+)
+from workflows.results import StageInputs, StageResult
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +101,18 @@ def trial_configs(config: FinetuneSearchConfig, params: dict[str, Any], model: V
     return sections
 
 
+def run_stage(section: FinetuneSettings, inputs: StageInputs) -> StageResult:
+    """The workflow's fine-tuning stage: the search of its spec section from the model it is given."""
+    config = FinetuneSearchConfig.model_validate({
+        **section.model_dump(exclude={"dataset", "pretrained"}), "tracking": inputs.tracking.model_dump(),
+        "name": inputs.name, "dataset": inputs.dataset.dataset_uri, "pretrained": inputs.model,
+        "storage_path": inputs.storage_path})
+    result = run_finetune(config, parent_run_id=inputs.parent_run_id, callbacks=inputs.callbacks)
+    model_uri = f"models:/{result.registered_name}/{result.version}" if result.version else result.model_uri
+    return StageResult(stage="finetune", run_id=result.search_run_id, fingerprint=inputs.fingerprint, model_uri=model_uri,
+                       dataset_fingerprint=inputs.dataset.dataset_fingerprint, metrics={"test/top1": result.test_top1})
+
+
 def run_finetune(config: FinetuneSearchConfig, *, parent_run_id: str | None = None,
                  callbacks: Sequence[Any] = ()) -> FinetuneResult:
 
@@ -118,7 +140,7 @@ def run_finetune(config: FinetuneSearchConfig, *, parent_run_id: str | None = No
     else:
         tracking.reopen_run(tracking_uri, search_run_id)
 
-    # This search's own Ray unless one is running (a workflow's, a cluster's): see workflows.local_ray.
+    # This search's own Ray unless one is running (a workflow's, a cluster's): see workflows.compute.local_ray.
     with embedded_ray(config.storage_path, resources={TRIAL_DRIVER_RESOURCE: config.search.max_concurrent_trials}):
         try:
             grid = _search(config, pretrained, index, tracking_uri, search_run_id, callbacks)
@@ -319,7 +341,7 @@ def _finished_trial_result(uri: str, run_id: str, trial_storage: str, total_step
         if newest_persisted_checkpoint(trial_storage, than_step=total_steps - 1, scratch=scratch) is None:
             return None
     return {**{k: v for k, v in metrics.items() if k.startswith(("val/", "train/"))}, "step": steps,
-            "checkpoint_path": checkpoints[-1]}
+            "checkpoint_path": storage_uri(trial_storage, checkpoints[-1])}
 
 
 # --- after the search -------------------------------------------------------------------------

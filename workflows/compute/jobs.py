@@ -29,7 +29,7 @@ from workflows import tags as tag
 if TYPE_CHECKING:
     from ray.job_submission import JobSubmissionClient
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 SPEC_FOLDER = "_vitflow_submit"  # where the spec lands inside the shipped working_dir
 # Never shipped: environments, VCS data, caches, local runs, stores and data. Gitignore syntax, as Ray
 # reads it: a bare name matches anywhere, a leading "/" anchors at the project root.
