@@ -11,13 +11,17 @@
                                                        # without pretrain; the search sets image_size and lr
     evaluate: {dataset: flowers17, split: test}
 
-Relative paths resolve against the spec file's folder. Errors name the file, the key path and the reason.
+A spec may start from another: `extends: base.yaml` (relative to its own folder) merges the file over its
+base, mapping by mapping; any other value (a scalar, a list) replaces the base's. Relative paths resolve
+against the folder of the file that gives them. Errors name the file, the key path and the reason.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -201,7 +205,7 @@ def _problems(where: tuple, message: str) -> list[tuple[str, str]]:
     return result
 
 
-def _format_errors(path: Path, error: ValidationError) -> str:
+def _format_errors(source: str, error: ValidationError) -> str:
     found: list[tuple[str, str]] = []
     for problem in error.errors():
         if problem["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
@@ -211,39 +215,92 @@ def _format_errors(path: Path, error: ValidationError) -> str:
         else:
             found.append((_location(problem["loc"]) or "(top level)", problem["msg"]))
     found = list(dict.fromkeys(found))
-    lines = [f"{path}: invalid workflow spec ({len(found)} problem{'s' if len(found) > 1 else ''})"]
+    lines = [f"{source}: invalid workflow spec ({len(found)} problem{'s' if len(found) > 1 else ''})"]
     lines += [f"  {where}: {message}" for where, message in found]
     return "\n".join(lines)
 
 
-def parse_spec(data: Any, path: Path) -> WorkflowSpec:
+def parse_spec(data: Any, path: Path, bases: Sequence[Path] = ()) -> WorkflowSpec:
+    """``bases``: the files ``path`` extends, nearest first; errors name them beside ``path``."""
+    source = f"{path} (extends {' -> '.join(map(str, bases))})" if bases else str(path)
     if not isinstance(data, dict):
-        raise SpecError(f"{path}: a workflow spec is a YAML mapping, got {type(data).__name__}")
+        raise SpecError(f"{source}: a workflow spec is a YAML mapping, got {type(data).__name__}")
     try:
         return WorkflowSpec.model_validate(data)
     except ValidationError as error:
-        raise SpecError(_format_errors(path, error)) from None
+        raise SpecError(_format_errors(source, error)) from None
 
 
 def load_spec(path: str | Path) -> tuple[WorkflowSpec, Path]:
-    """The validated spec and the folder its relative paths resolve against."""
+    """The validated spec and the folder its relative paths resolve against (the file's own, not a base's)."""
     path = Path(path)
+    data, bases = spec_document(path)
+    base = path.resolve().parent
+    data.setdefault("workdir", str(base))  # once, on the merged document: a base's folder is not the default
+    return parse_spec(data, path, bases), base
+
+
+def spec_document(path: str | Path) -> tuple[dict[str, Any], list[Path]]:
+    """The spec file's raw document with its ``extends`` chain merged in, each file's relative paths made
+    absolute against that file's folder (``workdir`` stays out unless a file sets it), and the files it
+    extends, nearest first (none for a spec that extends nothing)."""
+    return _document(Path(path), ())
+
+
+def _document(path: Path, extended_by: tuple[Path, ...]) -> tuple[dict[str, Any], list[Path]]:
     if not path.is_file():
         raise SpecError(f"{path}: no such file")
+    data = _resolve_paths(_read_mapping(path, extended_by), path.resolve().parent)
+    if "extends" not in data:
+        return data, []
+    value = data.pop("extends")
+    if not isinstance(value, str) or not value.strip():
+        raise SpecError(f"{path}: extends: the path of the spec it builds on (a string), got {value!r}")
+    base = Path(os.path.normpath(path.parent / value))  # an absolute value replaces path.parent
+    try:
+        found, resolved = base.is_file(), base.resolve()
+    except (OSError, ValueError) as error:  # a NUL byte, a name too long for the file system
+        raise SpecError(f"{path}: extends {value!r}: not a usable path ({error})") from None
+    if not found:
+        raise SpecError(f"{path}: extends {value!r}: no such file {resolved}")
+    chain = (*reversed(extended_by), path)  # the top file first
+    if resolved in {file.resolve() for file in chain}:
+        raise SpecError(f"{chain[0]}: extends in a cycle: {' -> '.join(map(str, (*chain, base)))}")
+    base_data, bases = _document(base, (path, *extended_by))
+    return merge(base_data, data), [base, *bases]
+
+
+def _read_mapping(path: Path, extended_by: tuple[Path, ...]) -> Any:
+    """The file's YAML; a base file (one ``extended_by`` others) must be a mapping."""
+    by = f" (extended by {extended_by[0]})" if extended_by else ""
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as error:
-        raise SpecError(f"{path}: not valid YAML: {error}") from None
+        raise SpecError(f"{path}{by}: not valid YAML: {error}") from None
     except UnicodeDecodeError as error:
-        raise SpecError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
-    base = path.resolve().parent
-    return parse_spec(_resolve_paths(data, base), path), base
-
-
-def _resolve_paths(data: Any, base: Path) -> Any:
-    """Relative local paths (sources, outputs, model folders) -> absolute, against the spec's folder."""
+        raise SpecError(f"{path}{by}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+    except OSError as error:
+        raise SpecError(f"{path}{by}: cannot be read ({error.strerror or error})") from None
     if not isinstance(data, dict):
-        return data
+        raise SpecError(f"{path}{by}: a workflow spec is a YAML mapping, got {type(data).__name__}")
+    return data
+
+
+def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """``override`` over ``base``, as ``extends`` combines two specs: mappings merge key by key, any other
+    value (a scalar, a list, null) replaces the base's. Neither argument is changed."""
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Relative local paths (workdir, sources, outputs, model folders) -> absolute, against ``base``, the
+    folder of the file that gives them. A new mapping; sections are copied before they are changed."""
     data = dict(data)
 
     def absolute(value):
@@ -252,17 +309,18 @@ def _resolve_paths(data: Any, base: Path) -> Any:
             return str((base / value).resolve())
         return value
 
-    data["workdir"] = absolute(data.get("workdir", "."))
-    if isinstance(data.get("storage_path"), str):
-        data["storage_path"] = absolute(data["storage_path"])
-    for stage in (data.get("preprocess") or {}).values() if isinstance(data.get("preprocess"), dict) else ():
-        if isinstance(stage, dict):
-            for key in ("source", "out"):
-                if isinstance(stage.get(key), str):
-                    stage[key] = absolute(stage[key])
+    for key in ("workdir", "storage_path"):
+        if isinstance(data.get(key), str):
+            data[key] = absolute(data[key])
+    if isinstance(data.get("preprocess"), dict):
+        data["preprocess"] = stages = dict(data["preprocess"])
+        for name, stage in stages.items():
+            if isinstance(stage, dict):
+                stages[name] = {**stage, **{key: absolute(stage[key]) for key in ("source", "out")
+                                            if isinstance(stage.get(key), str)}}
     for section, key in (("finetune", "pretrained"), ("evaluate", "model")):
         stage = data.get(section)
         if (isinstance(stage, dict) and isinstance(stage.get(key), str) and stage[key].strip()
                 and not stage[key].startswith(("models:/", "runs:/"))):
-            stage[key] = absolute(stage[key])
+            data[section] = {**stage, key: absolute(stage[key])}
     return data

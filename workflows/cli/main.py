@@ -315,6 +315,8 @@ def submit(
         fail(f"--command {command}: expected one of {', '.join(c.value for c in jobs.EntryCommand)}")
     if entry is jobs.EntryCommand.pretrain:
         _check_pretrain_config(spec)
+    else:
+        _check_spec_document(spec)
     try:
         client = jobs.connect(address)
         job_id = jobs.submit(client, spec, entry, ship_project=ship_project, verbose=verbose)
@@ -323,6 +325,17 @@ def submit(
     typer.echo(job_id)
     if wait:
         _follow_to_the_end(client, job_id)
+
+
+def _check_spec_document(spec: Path) -> None:
+    """The spec reads, with every file it extends (the job ships them merged); its values are checked on
+    the cluster, where its paths and servers are."""
+    from workflows.spec import SpecError, spec_document
+
+    try:
+        spec_document(spec)
+    except SpecError as error:
+        fail(str(error))
 
 
 def _check_pretrain_config(spec: Path) -> None:

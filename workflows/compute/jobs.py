@@ -4,6 +4,7 @@ A job ships the project (the checkout this module runs from, minus virtualenvs, 
 data) together with the spec as its ``working_dir`` and runs ``vitflow <command> <spec>`` in it on the
 head node; Ray sets ``RAY_ADDRESS`` for the job, so the driver's ``ray.init()`` joins that cluster.
 Paths inside the spec are read on the cluster: use absolute paths or URIs the cluster can see (s3://...).
+A spec that ``extends`` others is shipped as one file, its chain merged in.
 
 Every call to the cluster is bounded: an unreachable address fails within ``connect_timeout_s``
 instead of hanging (Ray's client sends its requests without a time-out).
@@ -23,6 +24,8 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+import yaml
 
 from workflows import tags as tag
 
@@ -93,12 +96,24 @@ def connect(address: str, connect_timeout_s: float = 10.0) -> JobSubmissionClien
 
 def ship(spec: Path, folder: Path, project_root: Path | None = PROJECT_ROOT) -> str:
     """Fill ``folder`` with what a job needs: the project (when this runs from a checkout, so the
-    cluster runs exactly this code) and the spec. Returns the spec's path inside ``folder``."""
+    cluster runs exactly this code) and the spec. Returns the spec's path inside ``folder``.
+
+    A spec that extends others is shipped as one self-contained file: the merged document, its local
+    paths as resolved here (the files it extends are not shipped). Any other spec is copied as it is.
+    Raises ``SpecError`` for a spec that cannot be read (bad YAML, a missing base)."""
+    # Imported here, not at the top: the spec's models import torch, which `vitflow status` need not wait for.
+    from workflows.spec import spec_document
+
     if project_root is not None and (project_root / "pyproject.toml").is_file():
         shutil.copytree(project_root, folder, ignore=_excluded(project_root), dirs_exist_ok=True, symlinks=True)
     target = folder / SPEC_FOLDER / spec.name
     target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(spec, target)
+    document, bases = spec_document(spec)
+    if bases:
+        header = f"# {spec.name}, merged by `vitflow submit` with the specs it extends: {', '.join(map(str, bases))}\n"
+        target.write_text(header + yaml.safe_dump(document, sort_keys=False), encoding="utf-8")
+    else:
+        shutil.copyfile(spec, target)
     return f"{SPEC_FOLDER}/{spec.name}"
 
 
