@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.conftest import REPO_ROOT
 from tests.test_cli import vitflow
 from workflows.compute.jobs import ship
 from workflows.spec import SpecError, load_spec, merge, spec_document
@@ -141,24 +142,54 @@ def test_a_typo_in_the_extending_file_names_the_key_and_both_files(tmp_path):
     assert "finetune.train.totl_steps" in lines[1]
 
 
+def toy_spec(tmp_path: Path) -> Path:
+    """The user's own two-line spec over the toy recipe."""
+    toy = REPO_ROOT / "workflows" / "imagenet21k-vit-b16-toy.yaml"
+    return write(tmp_path / "toy.yaml", {"extends": str(toy), "tracking": {"uri": f"sqlite:///{tmp_path}/x.db"}})
+
+
+def test_the_toy_recipe_keeps_every_location_in_its_bucket_and_trains_on_two_cpu_workers(tmp_path):
+    spec, _ = load_spec(toy_spec(tmp_path))
+    assert spec.name == "imagenet21k-vit-b16-toy" and spec.tracking.experiment == "vit-b16-toy"
+    assert spec.tracking.uri == f"sqlite:///{tmp_path}/x.db"
+    locations = dict(spec._uris())
+    stored = {key: value for key, value in locations.items() if key not in ("workdir", "tracking.uri", "ray.address")}
+    assert set(stored) == {"storage_path", "preprocess.imagenet21k.source", "preprocess.imagenet21k.out",
+                           "preprocess.downstream.source", "preprocess.downstream.out"}
+    assert all(value.startswith("s3://vitflow-toy/") for value in stored.values()), stored
+    assert spec.preprocess["imagenet21k"].source == "s3://vitflow-toy/corpora/cifar10"
+    assert spec.preprocess["downstream"].source == "s3://vitflow-toy/corpora/flowers17"
+    resources = spec.pretrain.resources
+    assert (resources.num_workers, resources.cpus_per_worker, resources.use_gpu) == (2, 1, False)
+    assert not spec.finetune.resources.use_gpu and spec.finetune.resources.num_workers == 1
+    assert spec.pretrain.train.total_steps == 60 and spec.pretrain.model.variant == "Ti/8"
+    # The recipe's tracking server placeholder stays when no spec of the user's sets one.
+    recipe, _ = load_spec(REPO_ROOT / "workflows" / "imagenet21k-vit-b16.yaml")
+    alone, _ = load_spec(REPO_ROOT / "workflows" / "imagenet21k-vit-b16-toy.yaml")
+    assert alone.tracking.uri == recipe.tracking.uri and alone.workdir == recipe.workdir
+
+
 def test_submit_ships_an_extending_spec_merged_and_a_plain_one_byte_for_byte(tmp_path):
-    write(tmp_path / "recipes" / "base.yaml", {**BASE, "workdir": "scratch"})
-    top = write(tmp_path / "top.yaml", {"extends": "recipes/base.yaml", "name": "top"})
+    top = toy_spec(tmp_path)
     relative = ship(top, tmp_path / "staged", project_root=None)
     shipped = tmp_path / "staged" / relative
-    assert shipped.name == "top.yaml" and "extends" not in yaml.safe_load(shipped.read_text())
+    assert shipped.name == "toy.yaml" and "extends" not in yaml.safe_load(shipped.read_text())
     assert load_spec(shipped)[0] == load_spec(top)[0]
 
-    # Local paths as resolved here; no workdir unless a file sets one (it resolves on the cluster, as for a plain spec).
-    write(tmp_path / "recipes" / "base.yaml", BASE)
-    mine = write(tmp_path / "mine.yaml", {"extends": "recipes/base.yaml"})
+    # Local paths as resolved here, a base's relative workdir too.
+    write(tmp_path / "recipes" / "base.yaml", {**BASE, "workdir": "scratch"})
+    mine = write(tmp_path / "mine.yaml", {"extends": "recipes/base.yaml", "name": "mine"})
     shipped = tmp_path / "staged2" / ship(mine, tmp_path / "staged2", project_root=None)
     document = yaml.safe_load(shipped.read_text())
     assert document["preprocess"]["corpus"]["source"] == str((tmp_path / "recipes" / "data" / "corpus").resolve())
-    assert "workdir" not in document
+    assert load_spec(shipped)[0] == load_spec(mine)[0]
+    # No workdir unless a file sets one: it resolves on the cluster, as a plain spec's does.
+    write(tmp_path / "recipes" / "base.yaml", BASE)
+    shipped = tmp_path / "staged3" / ship(mine, tmp_path / "staged3", project_root=None)
+    assert "workdir" not in yaml.safe_load(shipped.read_text())
 
     plain = write(tmp_path / "plain.yaml", "# a comment\nname:   demo   # kept as written\n")
-    shipped = tmp_path / "staged3" / ship(plain, tmp_path / "staged3", project_root=None)
+    shipped = tmp_path / "staged4" / ship(plain, tmp_path / "staged4", project_root=None)
     assert shipped.read_bytes() == plain.read_bytes()
 
 
