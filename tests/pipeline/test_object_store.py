@@ -141,3 +141,39 @@ def test_vit_reads_the_dataset_from_the_bucket(bucket, flowers_source, local_ref
         return [int(y) for batch in eval_loader(str(root), config, rank=0, world_size=1, split="test") for y in batch[1]]
 
     assert labels(uri) == labels(local) and len(labels(uri)) == 24
+
+
+def test_the_patient_filesystem_round_trips_folders_and_pickles_without_credentials(object_store, bucket, tmp_path):
+    """What Ray Train persists checkpoints through: a folder copied in and back byte for byte, listed and
+    deleted; pickled (Ray ships it to every worker) as its URI and budget, never the store's keys."""
+    import pickle
+
+    from pipeline.storage import PatientHandler, patient_filesystem
+
+    source = tmp_path / "checkpoint_000"
+    (source / "sub").mkdir(parents=True)
+    (source / "model.pt").write_bytes(bytes(range(256)) * 5000)
+    (source / "sub" / "state.json").write_text('{"step": 20}')
+    fs, root = patient_filesystem(f"{bucket}/runs", budget_s=7)
+    assert isinstance(fs, pafs.PyFileSystem) and root == bucket.removeprefix("s3://") + "/runs"
+    pafs.copy_files(str(source), f"{root}/checkpoint_000", source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    assert object_store.objects(f"{bucket}/runs") == {"checkpoint_000/model.pt": (source / "model.pt").read_bytes(),
+                                                      "checkpoint_000/sub/state.json": b'{"step": 20}'}
+
+    shipped = pickle.dumps(fs)
+    assert object_store.secret_key.encode() not in shipped and object_store.access_key.encode() not in shipped
+    copy = pickle.loads(shipped)
+    assert copy.handler == PatientHandler(f"{bucket}/runs", 7) and copy.equals(fs)
+    back = tmp_path / "back"
+    pafs.copy_files(f"{root}/checkpoint_000", str(back), source_filesystem=copy, destination_filesystem=pafs.LocalFileSystem())
+    assert (back / "model.pt").read_bytes() == (source / "model.pt").read_bytes()
+    assert (back / "sub" / "state.json").read_text() == '{"step": 20}'
+    listed = copy.get_file_info(pafs.FileSelector(root, recursive=True))
+    assert sorted(i.path.removeprefix(root + "/") for i in listed if i.type == pafs.FileType.File) == [
+        "checkpoint_000/model.pt", "checkpoint_000/sub/state.json"]
+    with pytest.raises(StorageError, match="cannot append"):
+        copy.open_append_stream(f"{root}/checkpoint_000/model.pt")
+    copy.delete_dir(f"{root}/checkpoint_000")
+    assert object_store.objects(f"{bucket}/runs") == {}
+    local, path = patient_filesystem(str(tmp_path / "runs"))
+    assert isinstance(local, pafs.LocalFileSystem) and path == str(tmp_path / "runs")  # local folders as they are

@@ -68,6 +68,7 @@ class LocalCluster:
     worker_types: Mapping[str, dict] | None = None
 
     temp_dir: Path = field(init=False)
+    lost: set[int] = field(default_factory=set)  # nodes whose raylet was killed (kill_raylet)
 
     def __post_init__(self) -> None:
         # Ray's sockets live under temp_dir/nodeN/session_<date>_<pid>/sockets and AF_UNIX paths end at
@@ -142,6 +143,22 @@ class LocalCluster:
                                                stderr=subprocess.STDOUT, start_new_session=True))
         log.close()
 
+    def add_node(self, resources: NodeResources, timeout_s: float = 300) -> int:
+        """Start one more worker node (as an autoscaler replacing a lost machine does); its index."""
+        index, alive = len(self.nodes), len(self.alive_nodes())
+        self.nodes = (*self.nodes, resources)
+        self._start_node(index, resources)
+        self._wait(lambda: len(self.alive_nodes()) > alive, timeout_s, "the added node")
+        return index
+
+    def kill_raylet(self, index: int) -> int:
+        """SIGKILL node ``index``'s raylet, as when its machine is lost (its workers die with it); the pid."""
+        node_temp = f"{self.temp_dir / f'node{index}'}/"
+        (pid,) = [pid for pid in processes_mentioning(node_temp) if "raylet/raylet" in _cmdline(pid)]
+        os.kill(pid, signal.SIGKILL)
+        self.lost.add(index)
+        return pid
+
     def _autoscaling_config(self, head: NodeResources) -> Path:
         """The cluster launcher's config for Ray's fake multi-node provider (its example.yaml, which the
         wheel does not ship), pointed at this cluster's GCS; launched nodes inherit the head's environment
@@ -173,7 +190,7 @@ class LocalCluster:
     def _wait(self, ready, timeout_s: float, what: str) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if any(process.poll() is not None for process in self.processes):
+            if any(process.poll() is not None for index, process in enumerate(self.processes) if index not in self.lost):
                 raise RuntimeError(f"a Ray node exited while waiting for {what}; see {self.root}/node-*.log")
             try:
                 if ready():
@@ -278,6 +295,13 @@ def _kill_group(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
 
 
 def processes_mentioning(text: str) -> list[int]:

@@ -144,9 +144,22 @@ def torch_trainer(spec: WorkerSpec, resources, *, name: str, storage_path: str, 
         train_loop_config={"spec": spec},
         scaling_config=ScalingConfig(num_workers=resources.num_workers, use_gpu=resources.use_gpu,
                                      resources_per_worker=resources.per_worker()),
-        run_config=RunConfig(name=name, storage_path=storage_path, failure_config=FailureConfig(max_failures=max_failures),
+        run_config=RunConfig(name=name, **ray_storage(storage_path), failure_config=FailureConfig(max_failures=max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=checkpoints_to_keep), callbacks=list(callbacks)),
     )
+
+
+def ray_storage(storage_path: str) -> dict[str, Any]:
+    """Ray Train's and Tune's ``storage_path`` (and ``storage_filesystem``) arguments for a folder or a
+    URI: an object store through ``pipeline.storage.patient_filesystem``, so checkpoints and Tune's state
+    are persisted through a store that goes away for a while (pyarrow's own S3 client gives up after
+    3 quick attempts) and a file appears there only once whole."""
+    from pipeline.storage import is_uri, patient_filesystem
+
+    if not is_uri(storage_path):
+        return {"storage_path": storage_path}
+    fs, path = patient_filesystem(storage_path)
+    return {"storage_path": path, "storage_filesystem": fs}
 
 
 def train_in_trial(spec: WorkerSpec, *, cpus: float, use_gpu: bool) -> None:
@@ -320,10 +333,11 @@ def persisted_checkpoints(run_storage: str):
 
 
 def _filesystem(run_storage: str):
-    """(pyarrow file system, path in it) of a local path or a URI: resolved where every location is."""
-    from pipeline.storage import filesystem
+    """(pyarrow file system, path in it) of a run's storage, local or a URI, patient with an object store
+    that goes away for a while (as Ray's own persisting is: :func:`ray_storage`)."""
+    from pipeline.storage import patient_filesystem
 
-    return filesystem(run_storage)
+    return patient_filesystem(run_storage)
 
 
 def newest_persisted_checkpoint(run_storage: str | None, than_step: int, scratch: str | Path) -> str | None:

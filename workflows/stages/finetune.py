@@ -37,6 +37,7 @@ from workflows.compute.training import (
     WorkerSpec,
     newest_persisted_checkpoint,
     persisted_checkpoints,
+    ray_storage,
     storage_uri,
     torch_trainer,
     train_in_trial,
@@ -192,11 +193,13 @@ def _search(config: FinetuneSearchConfig, pretrained, index, tracking_uri: str, 
     trainable = tune.with_resources(tune.with_parameters(run_trial, shared=shared), _trial_resources(config.resources))
     storage = absolute_uri(config.storage_path)
     path = f"{storage.rstrip('/')}/{config.name}"
-    if Tuner.can_restore(path):
+    stored = ray_storage(path)
+    if Tuner.can_restore(stored["storage_path"], storage_filesystem=stored.get("storage_filesystem")):
         # An interrupted search resumes: finished trials are kept, unfinished ones continue from their
         # last checkpoint; trials that failed (after their retries) stay failed.
         log.info("resuming search %s from %s", config.name, path)
-        tuner = Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False)
+        tuner = Tuner.restore(stored["storage_path"], trainable=trainable, resume_unfinished=True, resume_errored=False,
+                              storage_filesystem=stored.get("storage_filesystem"))
     else:
         tuner = Tuner(
             trainable,
@@ -208,7 +211,7 @@ def _search(config: FinetuneSearchConfig, pretrained, index, tracking_uri: str, 
                                    scheduler=scheduler, search_alg=search_alg,
                                    # in-process trials: the next trial reuses a finished one's process
                                    reuse_actors=in_process_trials(config.resources)),
-            run_config=RunConfig(name=config.name, storage_path=storage,
+            run_config=RunConfig(name=config.name, **ray_storage(storage),
                                  failure_config=FailureConfig(max_failures=config.search.max_failures),
                                  callbacks=list(callbacks)),
         )
