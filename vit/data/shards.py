@@ -14,7 +14,6 @@ from typing import NamedTuple
 
 import torch
 from PIL import Image
-from torchvision.transforms import v2
 
 from vit.data.index import open_binary
 
@@ -80,4 +79,6 @@ def decode_sample(sample: RawSample, num_classes: int) -> tuple[torch.Tensor, in
             image = opened.convert("RGB")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
         raise ValueError(f"undecodable .{images[0]} ({type(error).__name__}: {error})") from None
-    return v2.functional.pil_to_tensor(image), label
+    from torchvision.transforms.v2.functional import pil_to_tensor  # torchvision: loaded where images are
+
+    return pil_to_tensor(image), label

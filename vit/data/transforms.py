@@ -3,14 +3,20 @@ the per-batch MixUp / CutMix, all built from a ``DataConfig`` with torchvision's
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
-from torchvision.transforms import v2
 
 from vit.data.config import DataConfig
+
+if TYPE_CHECKING:  # torchvision is imported where a transform is built: `vitflow validate` and friends need none
+    from torchvision.transforms import v2
 
 
 def train_transform(config: DataConfig) -> v2.Transform:
     """Per image, on (3, H, W) uint8: crop, flip, optional RandAugment, then float + normalise."""
+    from torchvision.transforms import v2
+
     steps: list[v2.Transform] = [
         v2.RandomResizedCrop(config.image_size, scale=config.crop_scale, ratio=config.crop_ratio, antialias=True),
         v2.RandomHorizontalFlip(config.hflip),
@@ -23,6 +29,8 @@ def train_transform(config: DataConfig) -> v2.Transform:
 
 def eval_transform(config: DataConfig) -> v2.Transform:
     """Resize the shorter side to ``image_size / crop_pct``, center-crop ``image_size``, normalise."""
+    from torchvision.transforms import v2
+
     resize = int(round(config.image_size / config.crop_pct))
     return v2.Compose([
         v2.Resize(resize, antialias=True),
@@ -34,6 +42,8 @@ def eval_transform(config: DataConfig) -> v2.Transform:
 
 def batch_transform(config: DataConfig, num_classes: int) -> v2.Transform | None:
     """MixUp / CutMix on a whole batch: int labels (B,) -> soft targets (B, K); ``None`` when both are off."""
+    from torchvision.transforms import v2
+
     choices = []
     if config.mixup_alpha > 0:
         choices.append(v2.MixUp(alpha=config.mixup_alpha, num_classes=num_classes))
