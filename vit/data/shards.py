@@ -79,6 +79,8 @@ def decode_sample(sample: RawSample, num_classes: int) -> tuple[torch.Tensor, in
             image = opened.convert("RGB")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
         raise ValueError(f"undecodable .{images[0]} ({type(error).__name__}: {error})") from None
-    from torchvision.transforms.v2.functional import pil_to_tensor  # torchvision: loaded where images are
+    from torchvision.transforms.v2.functional import (
+        pil_to_tensor,  # torchvision: loaded where images are
+    )
 
     return pil_to_tensor(image), label
