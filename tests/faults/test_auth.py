@@ -16,6 +16,7 @@ import pytest
 import requests
 import yaml
 
+from tests.cli import run_vitflow as in_process
 from tests.workflows.servers import (
     LocalCluster,
     MlflowServer,
@@ -31,6 +32,8 @@ CREDENTIAL_VARIABLES = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", 
 
 
 def run_vitflow(*args: str, env: dict, timeout: float = 120):
+    """The console script in a fresh process: Ray's client reads its token from the environment and HOME once
+    a process (the in-process runner, ``tests.cli``, would keep what an earlier call read)."""
     import subprocess
 
     return subprocess.run([VITFLOW, *args], capture_output=True, text=True, timeout=timeout, env=env)
@@ -170,12 +173,10 @@ def test_vitflow_validate_reports_refused_credentials_in_one_line(tmp_path, auth
     spec.write_text(yaml.safe_dump({"name": "auth", "workdir": str(tmp_path / "work"),
                                     "tracking": {"uri": server.url, "experiment": "auth"},
                                     "preprocess": {"corpus": {"source": str(corpus)}}}))
-    env = {k: v for k, v in os.environ.items() if k not in CREDENTIAL_VARIABLES}
-    result = run_vitflow("validate", str(spec), env=env)
+    result = in_process("validate", str(spec), env=dict.fromkeys(CREDENTIAL_VARIABLES))  # none of them set
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert f"error: {spec}: tracking.uri {server.url}: the server refused the credentials (HTTP 401)" in result.stderr
-    env.update(MLFLOW_TRACKING_USERNAME=admin[0], MLFLOW_TRACKING_PASSWORD=admin[1])
-    result = run_vitflow("validate", str(spec), env=env)
+    result = in_process("validate", str(spec), env={"MLFLOW_TRACKING_USERNAME": admin[0], "MLFLOW_TRACKING_PASSWORD": admin[1]})
     assert result.returncode == 0, result.stderr
 
 

@@ -18,12 +18,12 @@ from pathlib import Path
 import pytest
 
 from pipeline import ShardConfig, write_shards
+from tests.cli import run_vitflow
 from tests.faults.shard_damage import (
     flip_image_headers,
     flip_mid_image_byte,
     truncate_mid_member,
 )
-from tests.test_cli import vitflow
 from tests.vit.test_loop import Recorder, data_config, tiny_model
 from vit.data import DataError, train_loader
 from vit.loop import TrainConfig, fit
@@ -37,7 +37,7 @@ SHARD_ARGS = ("--workers", "0", "--no-progress", "--shard-samples", "40")
 def pristine(cifar_source, tmp_path_factory) -> Path:
     """640 train rows in 16 shards of 40, 160 test rows in 8 shards of 20, written by `vitflow shard`."""
     out = tmp_path_factory.mktemp("damaged") / "cifar"
-    result = vitflow("shard", str(cifar_source), str(out), *SHARD_ARGS)
+    result = run_vitflow("shard", str(cifar_source), str(out), *SHARD_ARGS)
     assert result.returncode == 0, result.stderr
     assert len(list(out.glob("train/*.tar"))) == 16 and len(list(out.glob("test/*.tar"))) == 8
     return out
@@ -71,12 +71,12 @@ class KeyedData:
 
 
 def test_verify_names_each_damaged_shard_and_a_rerun_rebuilds_only_those(shards, cifar_source):
-    assert vitflow("shard", "verify", str(shards)).returncode == 0
+    assert run_vitflow("shard", "verify", str(shards)).returncode == 0
 
     truncate_mid_member(shards / "train" / "train-000003.tar")
     flip_image_headers(shards / "train" / "train-000010.tar", 3)
     flip_mid_image_byte(shards / "test" / "test-000002.tar")  # may still decode: only a checksum sees it
-    result = vitflow("shard", "verify", str(shards))
+    result = run_vitflow("shard", "verify", str(shards))
     assert result.returncode == 1, result.stdout
     damaged = re.findall(r"^damaged: (\S+): (.*)$", result.stderr, re.MULTILINE)
     assert {path for path, _ in damaged} == {"train/train-000003.tar", "train/train-000010.tar", "test/test-000002.tar"}
@@ -90,7 +90,7 @@ def test_verify_names_each_damaged_shard_and_a_rerun_rebuilds_only_those(shards,
     rerun = write_shards(cifar_source, shards, ShardConfig(max_shard_samples=40), workers=0, progress=False)
     recovery_s = time.perf_counter() - started
     assert set(rerun.built) == set(problems) and len(rerun.reused) == 21
-    assert vitflow("shard", "verify", str(shards)).returncode == 0
+    assert run_vitflow("shard", "verify", str(shards)).returncode == 0
     print(f"recovery: resharding rebuilt the 3 damaged shards of 24 and reused 21 in {recovery_s:.2f} s")
 
 

@@ -27,6 +27,7 @@ import torch
 import yaml
 
 from pipeline import manifest
+from tests.cli import run_vitflow
 from tests.conftest import SECRET_VARIABLES
 from vit import VisionTransformer, ViTConfig
 
@@ -138,7 +139,7 @@ def test_shard_members_are_never_unpickled(tmp_path, cifar_shards):
     report = verify_shards(root)
     assert not report.ok and {d.path for d in report.damaged} == set(changed) and not report.problems
     assert all("members outside the format: .pickle, .pth, .pyd" in d.problem for d in report.damaged)
-    result = vitflow("shard", "verify", str(root))
+    result = run_vitflow("shard", "verify", str(root))
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     for path in changed:
         assert f"damaged: {path}: sample " in result.stderr and ".pyd" in result.stderr

@@ -8,7 +8,6 @@ import copy
 import json
 import re
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.cli import run_vitflow
 from tests.conftest import REPO_ROOT
 from tests.workflows.test_runner import mini_spec
 from vit import ViTConfig
@@ -24,7 +24,6 @@ from workflows.spec import SpecError, WorkflowSpec, _key_names, load_spec, parse
 
 pytestmark = pytest.mark.slow
 
-VITFLOW = str(Path(sys.executable).parent / "vitflow")
 FUZZ = settings(max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -385,11 +384,11 @@ def test_models_missing_from_the_store_fail_the_preflight_at_their_key(tmp_path,
     assert not empty.exists()
 
 
-# --- the same through `vitflow validate`, as a user runs it ------------------------------------------
+# --- the same through `vitflow validate` (the CLI application, in-process: tests.cli) ------------------------------------------
 
 def validate(path: Path) -> tuple[subprocess.CompletedProcess, float]:
     start = time.monotonic()
-    result = subprocess.run([VITFLOW, "validate", str(path)], capture_output=True, text=True, timeout=90)
+    result = run_vitflow("validate", str(path))
     return result, time.monotonic() - start
 
 

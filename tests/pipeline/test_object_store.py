@@ -12,6 +12,7 @@ import pytest
 
 from pipeline import ShardConfig, read_manifest, verify_shards, write_shards
 from pipeline.storage import StorageError
+from tests.cli import run_vitflow
 from tests.pipeline.test_shards import all_files
 from tests.test_cli import vitflow
 
@@ -63,7 +64,7 @@ def test_verify_names_a_damaged_object_and_a_missing_one(bucket, flowers_source)
     assert {(d.path, d.problem) for d in report.damaged} == {
         ("train/train-000001.tar", "sha256 differs from dataset.json"), ("val/val-000000.tar", "missing")}
 
-    verify = vitflow("shard", "verify", uri)
+    verify = run_vitflow("shard", "verify", uri)
     assert verify.returncode == 1, verify.stderr
     assert "damaged: train/train-000001.tar: sha256 differs from dataset.json" in verify.stderr
     assert "damaged: val/val-000000.tar: missing" in verify.stderr
@@ -78,7 +79,7 @@ def test_the_cli_shards_into_the_bucket_on_its_own_ray(object_store, bucket, flo
     assert "sharded 120" in shard.stdout
     assert [p.name for p in tmp_path.iterdir()] == []
     assert object_store.objects(uri) == local_reference
-    verify = vitflow("shard", "verify", uri)
+    verify = run_vitflow("shard", "verify", uri)
     assert verify.returncode == 0 and f"in {uri} match" in verify.stdout, verify.stderr
 
 
@@ -119,7 +120,7 @@ def test_wrong_credentials_and_an_unreachable_store_are_errors_naming_the_uri(bu
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
     with pytest.raises(StorageError, match=rf"{uri}: cannot reach its store: .*NETWORK_CONNECTION"):
         write_shards(flowers_source, uri, CONFIG, workers=0, progress=False)
-    verify = vitflow("shard", "verify", uri)
+    verify = run_vitflow("shard", "verify", uri)
     assert verify.returncode == 1 and f"error: {uri}: cannot reach its store: " in verify.stderr, verify.stderr
     assert "Traceback" not in verify.stderr
 

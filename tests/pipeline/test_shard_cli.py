@@ -1,4 +1,5 @@
-"""`vitflow shard` as users run it: a real subprocess of the installed console script."""
+"""`vitflow shard`: in-process (``tests.cli``) where it shards without Ray; a real subprocess of the installed
+console script where it starts or joins a Ray cluster."""
 
 from __future__ import annotations
 
@@ -13,36 +14,37 @@ from pathlib import Path
 import pytest
 
 from pipeline import ShardConfig, write_shards
+from tests.cli import run_vitflow
 from tests.pipeline.test_shards import all_files
 from tests.test_cli import vitflow
 
 
 def test_help_explains_both_forms():
-    result = vitflow("shard", "--help")
+    result = run_vitflow("shard", "--help")
     assert result.returncode == 0 and "write" in result.stdout and "verify" in result.stdout
     assert "vitflow shard SOURCE OUT" in result.stdout
-    result = vitflow("shard", "verify", "--help")
+    result = run_vitflow("shard", "verify", "--help")
     assert result.returncode == 0 and "sha256" in result.stdout
-    result = vitflow("shard", "write", "--help")
+    result = run_vitflow("shard", "write", "--help")
     assert result.returncode == 0 and "--max-size" in result.stdout and "--val-fraction" in result.stdout
 
 
 def test_shard_then_verify_then_detect_damage(cifar_subset, tmp_path):
     out = tmp_path / "out"
-    result = vitflow(
+    result = run_vitflow(
         "shard", str(cifar_subset), str(out), "--workers", "0", "--no-progress", "--shard-samples", "40", "--seed", "1"
     )
     assert result.returncode == 0, result.stderr
     assert "inputs 320 = sharded 320 + quarantined 0" in result.stdout
     assert out.joinpath("dataset.json").is_file() and len(list(out.glob("train/*.tar"))) == 8
 
-    result = vitflow("shard", "verify", str(out))
+    result = run_vitflow("shard", "verify", str(out))
     assert result.returncode == 0 and "ok: 16 shards, 320 samples" in result.stdout
 
     victim = out / "train" / "train-000005.tar"
     victim.write_bytes(victim.read_bytes()[:-2048])
     (out / "test" / "test-000001.tar").unlink()
-    result = vitflow("shard", "verify", str(out))
+    result = run_vitflow("shard", "verify", str(out))
     assert result.returncode == 1
     assert (
         "damaged: train/train-000005.tar" in result.stderr and "damaged: test/test-000001.tar: missing" in result.stderr
@@ -64,7 +66,7 @@ def test_shard_then_verify_then_detect_damage(cifar_subset, tmp_path):
 )
 def test_user_mistakes_are_one_line_errors(args, message, cifar_subset, tmp_path):
     args = [str(cifar_subset) if a == "SOURCE" else str(tmp_path / "out") if a == "OUT" else a for a in args]
-    result = vitflow("shard", *args)
+    result = run_vitflow("shard", *args)
     assert result.returncode == 2, result.stdout + result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr
 

@@ -24,8 +24,8 @@ from ray.autoscaler._private.kuberay.autoscaling_config import (
     _derive_autoscaling_config_from_ray_cr,  # what Ray's autoscaler makes of a RayCluster
 )
 
+from tests.cli import run_vitflow
 from tests.conftest import REPO_ROOT
-from tests.test_cli import vitflow
 from workflows.cli.main import app
 from workflows.compute.local_ray import TRIAL_DRIVER_RESOURCE
 from workflows.spec import WorkflowSpec, load_spec
@@ -258,7 +258,7 @@ def test_the_rayjob_runs_a_real_vitflow_command_on_a_spec_that_validates(manifes
     # KubeRay pastes the entrypoint into a bash command line: nothing in it may be re-read by the shell.
     assert shlex.join(argv) == entrypoint
     assert argv[0] == "vitflow"
-    result = vitflow(argv[1], "--help")
+    result = run_vitflow(argv[1], "--help")
     assert result.returncode == 0, result.stderr
 
     # The real CLI's parser takes the whole command (unknown options or missing arguments raise here).
@@ -273,7 +273,7 @@ def test_the_rayjob_runs_a_real_vitflow_command_on_a_spec_that_validates(manifes
     working_dir = runtime_env["working_dir"]
     assert working_dir.startswith("/") and f"COPY --chown=ray:users . {working_dir}" in header(RAYCLUSTER)
     assert (REPO_ROOT / spec).is_file()
-    result = vitflow("validate", "--offline", str(spec), cwd=REPO_ROOT)
+    result = run_vitflow("validate", "--offline", str(spec), cwd=REPO_ROOT)
     assert result.returncode == 0 and "valid workflow" in result.stdout, result.stderr
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.cli import run_vitflow
 from tests.conftest import REPO_ROOT
-from tests.test_cli import vitflow
 from workflows.compute.jobs import ship
 from workflows.spec import SpecError, load_spec, merge, spec_document
 
@@ -195,6 +195,6 @@ def test_submit_ships_an_extending_spec_merged_and_a_plain_one_byte_for_byte(tmp
 
 def test_submit_refuses_a_spec_whose_base_is_missing_before_it_calls_the_cluster(tmp_path):
     top = write(tmp_path / "spec.yaml", {"extends": "missing.yaml", "name": "x"})
-    result = vitflow("submit", str(top), "--address", "http://127.0.0.1:9")  # nothing would answer there
+    result = run_vitflow("submit", str(top), "--address", "http://127.0.0.1:9")  # nothing would answer there
     assert result.returncode == 2 and "extends 'missing.yaml': no such file" in result.stderr
     assert "cannot reach" not in result.stderr
