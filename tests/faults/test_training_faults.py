@@ -15,7 +15,8 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from tests.faults.conftest import checkpoint_steps, vitflow, wait_for
+from tests.cli import run_vitflow
+from tests.faults.conftest import checkpoint_steps, wait_for
 from tests.workflows.servers import MlflowServer, free_port
 from vit import VisionTransformer
 from workflows import tracking
@@ -176,7 +177,7 @@ def test_a_tracking_server_that_never_returns_leaves_an_uploadable_bundle(tmp_pa
     model.load_state_dict(plain.state_dict)
 
     with mlflow_server(tmp_path, port) as server:  # the server is back (same store): upload
-        uploaded = vitflow("upload", str(bundle), timeout_s=300)
+        uploaded = run_vitflow("upload", str(bundle))
         assert uploaded.returncode == 0, uploaded.stderr
         assert "registered: models:/vit-pretrained/1" in uploaded.stdout
         client = MlflowClient(server.url, registry_uri=server.url)
@@ -185,7 +186,7 @@ def test_a_tracking_server_that_never_returns_leaves_an_uploadable_bundle(tmp_pa
         served = tracking.load_plain_model(server.url, "models:/vit-pretrained/1")
         for key, value in plain.state_dict.items():
             torch.testing.assert_close(served.state_dict[key], value, rtol=0, atol=0)
-        again = vitflow("upload", str(bundle), timeout_s=300)  # repeating it registers nothing new
+        again = run_vitflow("upload", str(bundle))  # repeating it registers nothing new
         assert again.returncode == 0, again.stderr
         assert len(client.search_model_versions("name = 'vit-pretrained'")) == 1
     print(f"\nRELIABILITY tracking server gone: training finished {finished_s:.0f} s after the server stopped; "

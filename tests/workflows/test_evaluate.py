@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import mlflow
 import pyarrow.parquet as pq
@@ -17,6 +18,7 @@ from vit.data import DataConfig, eval_loader, train_loader
 from vit.loop import TrainConfig, fit
 from workflows import tracking
 from workflows.stages.evaluate import EvaluateConfig, run_evaluate
+from workflows.tracking.runs import _using
 
 NORM = {"mean": (0.5, 0.45, 0.4), "std": (0.25, 0.25, 0.25)}
 
@@ -38,6 +40,11 @@ def trained(tmp_path_factory, flowers_shards):
     tracking.end_run(uri, run_id)
     # MLflow's fluent API exports MLFLOW_TRACKING_URI; vitflow must not leave it behind for later work
     assert dict(os.environ) == environment
+    # What loading the exported model needs, stated rather than inferred by MLflow (no guessed extras)
+    with _using(uri):
+        requirements = Path(mlflow.pyfunc.get_model_dependencies(f"models:/vit-finetuned/{version}")).read_text().split()
+    assert sorted(r.split("==")[0] for r in requirements) == ["cloudpickle", "mlflow", "torch"], requirements
+    assert f"torch=={torch.__version__.split('+')[0]}" in requirements
     return uri, run_id, version, model.eval(), data
 
 
