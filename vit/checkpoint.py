@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vit.config import ViTConfig
+from vit.ema import WeightEMA, ema_weights
 from vit.model import VisionTransformer, sincos_pos_embed_2d
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -90,10 +91,14 @@ def training_state(
     train_config: Mapping[str, Any],
     precision: str,
     metadata: Mapping[str, Any],
+    ema: WeightEMA | None = None,
 ) -> dict[str, Any]:
     """The checkpoint of a training run after ``step`` optimiser steps, ``batch_in_epoch`` batches into
     ``epoch``: every key a checkpoint has. ``model_config`` is the model's ``config`` (``{}`` for a model
-    without one); ``rng`` holds this process's generators (torch, CUDA, NumPy, Python)."""
+    without one); ``rng`` holds this process's generators (torch, CUDA, NumPy, Python); ``ema``, only in
+    a run that keeps a weight EMA, its state (``vit.ema.WeightEMA.state_dict``: the averaged weights under
+    ``module.`` and the update count ``n_averaged``)."""
+    extra = {"ema": ema.state_dict()} if ema is not None else {}
     return {
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,
@@ -109,6 +114,7 @@ def training_state(
         "train_config": dict(train_config),
         "precision": precision,
         "metadata": dict(metadata),
+        **extra,
     }
 
 
@@ -119,10 +125,18 @@ def restore_training_state(
     optimizer: torch.optim.Optimizer,
     schedule: torch.optim.lr_scheduler.LRScheduler,
     scaler: torch.amp.GradScaler,
+    ema: WeightEMA | None = None,
+    origin: str = "checkpoint",
 ) -> tuple[int, int, int]:
     """Load a :func:`training_state` into the run's objects and this process's generators; return its
-    ``(step, epoch, batch_in_epoch)``."""
+    ``(step, epoch, batch_in_epoch)``. A run with a weight EMA resumes only from a checkpoint that holds
+    one (restarting the average from the current weights would not be the same run)."""
+    if ema is not None and "ema" not in state:
+        raise ValueError(f"{origin}: the run keeps a weight EMA (train.ema) but this checkpoint, written without "
+                         "one, holds none to resume it from")
     model.load_state_dict(state["model"])
+    if ema is not None:
+        ema.load_state_dict(state["ema"])
     optimizer.load_state_dict(state["optimizer"])
     schedule.load_state_dict(state["schedule"])
     scaler.load_state_dict(state["scaler"])
@@ -178,9 +192,10 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def model_from_checkpoint(
-    checkpoint: str | Path | Mapping[str, Any], config: ViTConfig | None = None
+    checkpoint: str | Path | Mapping[str, Any], config: ViTConfig | None = None, *, weights: str = "raw"
 ) -> VisionTransformer:
     """The ViT saved in ``checkpoint``, weights loaded strictly, in eval mode (its config is ``model.config``).
+    ``weights="ema"`` takes a training checkpoint's weight EMA instead of its trained weights.
 
     ``checkpoint`` is a training checkpoint folder or its ``checkpoint.pt``, a checkpoint already loaded
     (:func:`load_checkpoint`), or bare weights (a state dict, e.g. a logged model's) with their ``config``.
@@ -197,15 +212,25 @@ def model_from_checkpoint(
             raise ValueError(f"{origin}: a {CHECKPOINT_FORMAT} holds its model config; give config only with bare weights")
         if not checkpoint.get("model_config") or "model" not in checkpoint:
             raise ValueError(f"{origin}: a {CHECKPOINT_FORMAT} without a ViT's model_config and weights")
-        config, weights = ViTConfig.from_dict(checkpoint["model_config"]), checkpoint["model"]
+        config = ViTConfig.from_dict(checkpoint["model_config"])
+        if weights == "ema":
+            if "ema" not in checkpoint:
+                raise ValueError(f"{origin}: holds no weight EMA (the run was trained without train.ema)")
+            state = ema_weights(checkpoint["ema"])
+        else:
+            state = checkpoint["model"]
     elif config is None:
         raise ValueError(f"{origin}: not a {CHECKPOINT_FORMAT} v{CHECKPOINT_VERSION} checkpoint "
                          "(bare weights need their config)")
     else:
-        weights = checkpoint
+        state = checkpoint
+    if weights not in ("raw", "ema"):
+        raise ValueError(f"weights must be 'raw' or 'ema', got {weights!r}")
+    if weights == "ema" and checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{origin}: bare weights hold no weight EMA")
     model = VisionTransformer(config)
     try:
-        model.load_state_dict(weights)  # strict: every key, every shape
+        model.load_state_dict(state)  # strict: every key, every shape
     except RuntimeError as error:
         raise ValueError(f"{origin}: the weights do not fit the model of its config ({' '.join(str(error).split())})") from None
     return model.eval()

@@ -40,6 +40,7 @@ from vit.checkpoint import (
 from vit.config import ViTConfig
 from vit.data import check_class_map
 from vit.data.plan import derive_seed
+from vit.ema import EMA_PREFIX, EmaConfig, WeightEMA
 from vit.flops import train_flops
 from vit.optim import OptimConfig, build_optimizer, build_schedule
 from vit.precision import CHOICES, PrecisionChoice, autocast, probe, resolve_precision
@@ -67,10 +68,14 @@ class TrainConfig:
     eval_every: int = 0  # 0: evaluate only at the end
     checkpoint_every: int = 0  # 0: checkpoint only at the end
     seed: int = 0  # dropout / stochastic depth randomness (per rank: derived from seed and rank)
+    # an EMA of the weights (vit.ema), evaluated beside them as val_ema/...; None: off
+    ema: EmaConfig | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.optim, Mapping):
             object.__setattr__(self, "optim", OptimConfig.from_dict(dict(self.optim)))
+        if isinstance(self.ema, Mapping):
+            object.__setattr__(self, "ema", EmaConfig.from_dict(dict(self.ema)))
         problems = []
         for name in ("total_steps", "grad_accum_steps", "log_every"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
@@ -90,6 +95,7 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         data["optim"] = self.optim.to_dict()
+        data["ema"] = self.ema.to_dict() if self.ema is not None else None
         return data
 
     @classmethod
@@ -191,6 +197,10 @@ def fit(
     ``config.precision`` is resolved for ``device`` here (``auto``: see ``vit.precision``); checkpoints
     record the precision used.
 
+    With ``config.ema`` an exponential moving average of the weights (``vit.ema``) is updated after every
+    optimiser step on every rank, evaluated beside the weights at each evaluation (``val_ema/...``), and
+    saved in (and resumed exactly from) every checkpoint.
+
     Each log step also reports this rank's speed over the window since the last: ``perf/images_per_sec``,
     ``perf/data_wait_fraction`` (the share of the window's training time spent waiting for the next batch)
     and, given the device's ``peak_flops`` (``vit.perf.peak_flops``), ``perf/mfu``: model training FLOPs per
@@ -202,6 +212,7 @@ def fit(
     optimizer = build_optimizer(model, config.optim)
     schedule = build_schedule(optimizer, config.optim, config.total_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    ema = WeightEMA(model, config.ema) if config.ema is not None else None
     step, epoch, batch_in_epoch = 0, 0, 0
     if resume_from is not None:
         state = load_checkpoint(resume_from)
@@ -210,7 +221,8 @@ def fit(
         if trained_on is not None and given is not None:
             check_class_map(trained_on, given, f"{resume_from}: the checkpoint's head", "the data")
         step, epoch, batch_in_epoch = restore_training_state(state, model=model, optimizer=optimizer,
-                                                             schedule=schedule, scaler=scaler)
+                                                             schedule=schedule, scaler=scaler, ema=ema,
+                                                             origin=str(resume_from))
         if rank != 0:  # only rank 0's generators were saved; the others start a fresh, distinct stream
             torch.manual_seed(derive_seed(config.seed, rank, step))
         log.info("resumed from %s at step %d (epoch %d, batch %d)", resume_from, step, epoch, batch_in_epoch)
@@ -268,6 +280,8 @@ def fit(
             scaler.step(optimizer)
             scaler.update()
             schedule.step()
+            if ema is not None:
+                ema.update(model)
             step += 1
             if batch_in_epoch == train_data.batches_per_epoch:
                 epoch, batch_in_epoch = epoch + 1, 0
@@ -301,6 +315,10 @@ def fit(
             if eval_data is not None and (final or (config.eval_every and step % config.eval_every == 0)):
                 results = evaluate(model, eval_data, device=device, precision=precision, all_reduce=all_reduce)
                 metrics.update({f"val/{name}": value for name, value in results.items()})
+                if ema is not None:
+                    results = evaluate(ema.module, eval_data, device=device, precision=precision, all_reduce=all_reduce)
+                    metrics.update({f"{EMA_PREFIX}{name}": value for name, value in results.items()
+                                    if name != "num_samples"})
                 forward.train()
             saved = None
             if final or (config.checkpoint_every and step % config.checkpoint_every == 0):
@@ -308,7 +326,7 @@ def fit(
                     saved = save_checkpoint(checkpoint_dir, training_state(
                         model=model, optimizer=optimizer, schedule=schedule, scaler=scaler, step=step, epoch=epoch,
                         batch_in_epoch=batch_in_epoch, train_config=config.to_dict(), precision=precision,
-                        metadata=extra))
+                        metadata=extra, ema=ema))
                 metrics.setdefault("train/epoch", epoch + batch_in_epoch / train_data.batches_per_epoch)
             if metrics:
                 latest.update(metrics)

@@ -23,6 +23,7 @@ MODEL = "vitflow.model"
 SPLIT = "vitflow.split"
 SEARCH_RUN_ID = "vitflow.search_run_id"
 TRIAL_ID = "vitflow.trial_id"
+WEIGHTS = "vitflow.weights"  # which weights a logged model holds: raw (trained) or ema (their weight EMA)
 STOPPED_EARLY = "vitflow.stopped_early"
 ERROR = "vitflow.error"
 

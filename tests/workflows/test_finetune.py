@@ -8,9 +8,11 @@ import dataclasses
 import mlflow
 import pyarrow.parquet as pq
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from vit import VisionTransformer, decode_variant
+from vit.checkpoint import model_from_checkpoint
 from vit.data import DataConfig, train_loader
 from vit.finetune import FinetuneConfig
 from vit.loop import TrainConfig, fit
@@ -67,7 +69,9 @@ def test_search_registers_a_champion_with_lineage(pretrained, flowers_shards, lo
     uri, pretrained_version, store = pretrained
     client = MlflowClient(uri, registry_uri=uri)
     client.set_registered_model_alias("vit-pretrained", "candidate", pretrained_version)
-    config = search_config(store, flowers_shards, "flowers-search")
+    config = search_config(store, flowers_shards, "flowers-search",
+                           train={"total_steps": 12, "log_every": 4, "eval_every": 4, "checkpoint_every": 4,
+                                  "ema": {"decay": 0.8}})
     result = run_finetune(config)
 
     # Every trial is a nested MLflow run with its parameters.
@@ -76,6 +80,7 @@ def test_search_registers_a_champion_with_lineage(pretrained, flowers_shards, lo
     assert len(trials) == 6
     for run in trials:
         assert {"image_size", "lr", "model.image_size", "train.optim.optimizer"} <= set(run.data.params)
+        assert run.data.params["train.ema.decay"] == "0.8"
         assert run.data.params["model.image_size"] in ("[32, 32]", "[48, 48]")
         # The head fine-tuning started from was exactly zero (logged by rank 0 before the first step).
         assert client.get_metric_history(run.info.run_id, "init/head_abs_max")[0].value == 0.0
@@ -94,6 +99,8 @@ def test_search_registers_a_champion_with_lineage(pretrained, flowers_shards, lo
         expected = "FINISHED" if steps[run.data.tags["vitflow.trial_id"]] == 12 else "KILLED"
         assert closed == expected, (run.data.tags["vitflow.trial_id"], closed, steps)
     assert all(row["gflops"] > 0 and row["images_per_sec"] > 0 for row in table)
+    # Each trial kept a weight EMA, validated beside its weights; the better of the two is its model.
+    assert all(0 <= row["val_ema_top1"] <= 1 and row["weights"] in ("raw", "ema") for row in table), table
     assert {a.path for a in client.list_artifacts(result.search_run_id, "search")} == {"search/trials.parquet", "search/accuracy_vs_gflops.png"}
 
     # The registered model: lineage tags, champion alias, position embeddings for its own image size.
@@ -104,6 +111,11 @@ def test_search_registers_a_champion_with_lineage(pretrained, flowers_shards, lo
     assert version.tags["dataset_fingerprint"] == __import__("json").load(open(flowers_shards / "dataset.json"))["fingerprint"]
     assert str(client.get_model_version_by_alias("vit-finetuned", "champion").version) == result.version and result.champion
     plain = tracking.load_plain_model(uri, "models:/vit-finetuned@champion")
+    # ... and that is the model registered, tagged with which weights it holds.
+    assert version.tags["weights"] == lowest["weights"] == client.get_run(result.best_run_id).data.tags["vitflow.weights"]
+    chosen = model_from_checkpoint(lowest["checkpoint_path"], weights=lowest["weights"])
+    for key, value in chosen.state_dict().items():
+        torch.testing.assert_close(plain.state_dict[key], value, rtol=0, atol=0, msg=key)
     size = plain.config.image_size[0]
     assert plain.state_dict["pos_embed"].shape == (1, 1 + (size // 8) ** 2, 48)
     assert plain.config.num_classes == 6 and len(plain.class_names) == 6

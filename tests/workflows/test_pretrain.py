@@ -10,6 +10,8 @@ from mlflow.tracking import MlflowClient
 from pydantic import ValidationError
 
 from vit import VisionTransformer, probe, resolve_precision
+from vit.checkpoint import model_from_checkpoint
+from vit.ema import better_weights
 from workflows import tracking
 from workflows.stages.pretrain import PretrainConfig, run_pretrain
 from workflows.tracking.runs import _using
@@ -38,14 +40,16 @@ def loss_history(uri: str, run_id: str) -> list[tuple[int, float]]:
 def test_two_workers_learn_survive_a_failure_register_and_reload(tmp_path, cifar_shards, local_ray):
     # Rank 0 fails once at step 12: Ray Train replaces the worker group, which resumes from the step-10
     # checkpoint (not from 0) and stops at exactly the configured 30 steps: each step is logged once.
-    settings = config(tmp_path, cifar_shards, "ddp-2", fail_at_step=12, max_failures=1)
+    settings = config(tmp_path, cifar_shards, "ddp-2", fail_at_step=12, max_failures=1,
+                      train={"total_steps": 30, "log_every": 5, "checkpoint_every": 10, "ema": {"decay": 0.8},
+                             "optim": {"lr": 2e-3, "warmup_steps": 3, "weight_decay": 0.0}})
     result = run_pretrain(settings)
     uri = settings.tracking.uri
     assert (tmp_path / "runs" / "ddp-2.fault-injected").is_file()  # the drill did fire
     history = loss_history(uri, result.run_id)
     assert [step for step, _ in history] == [5, 10, 15, 20, 25, 30]
     assert np.mean([v for _, v in history[-2:]]) < history[0][1]  # the loss goes down
-    assert result.metrics["step"] == 30 and "val/top1" in result.metrics
+    assert result.metrics["step"] == 30 and "val/top1" in result.metrics and "val_ema/top1" in result.metrics
 
     client = MlflowClient(uri, registry_uri=uri)
     run = client.get_run(result.run_id)
@@ -66,11 +70,18 @@ def test_two_workers_learn_survive_a_failure_register_and_reload(tmp_path, cifar
     assert version.run_id == result.run_id
     assert version.tags["variant"] == "Ti/8" and version.tags["image_size"] == "32" and version.tags["steps"] == "30"
     assert version.tags["dataset_fingerprint"] == result.dataset_fingerprint
+    # A weight EMA was kept (resumed with the rest after the failure): the better on validation is registered.
+    assert run.data.params["train.ema.decay"] == "0.8"
+    assert version.tags["weights"] == better_weights(result.metrics) == run.data.tags["vitflow.weights"]
 
     # The registered model loads back, both ways, and gives identical logits.
     plain = tracking.load_plain_model(uri, f"models:/vit-pretrained/{result.version}")
     model = VisionTransformer(plain.config).eval()
     model.load_state_dict(plain.state_dict)
+    final = sorted((tmp_path / "runs" / "ddp-2").glob("checkpoint_*"))[-1]  # Ray names them by time
+    chosen = model_from_checkpoint(final, weights=version.tags["weights"])
+    for key, value in chosen.state_dict().items():
+        torch.testing.assert_close(plain.state_dict[key], value, rtol=0, atol=0, msg=key)
     images = torch.randn(3, 3, 32, 32)
     with _using(uri):
         served = mlflow.pytorch.load_model(f"models:/vit-pretrained/{result.version}")
@@ -109,6 +120,10 @@ def test_configuration_errors_name_the_key(tmp_path, cifar_shards):
     with pytest.raises(ValidationError, match=r"data\.image_size: 48 is not the model's resolution 32"):
         config(tmp_path, cifar_shards, "x", data={"batch_size": 8, "image_size": 48})
     assert config(tmp_path, cifar_shards, "x", data={"batch_size": 8, "image_size": 32}).data.image_size == 32
+    with pytest.raises(ValidationError, match=r"train\.ema\.bogus"):
+        config(tmp_path, cifar_shards, "x", train={"total_steps": 5, "ema": {"decay": 0.99, "bogus": 1}})
+    with pytest.raises(ValidationError, match=r"train\.ema[\s\S]*decay must be in \(0, 1\)"):
+        config(tmp_path, cifar_shards, "x", train={"total_steps": 5, "ema": {"decay": 1.0}})
     with pytest.raises(ValidationError, match="resources.gpus"):
         config(tmp_path, cifar_shards, "x", resources={"gpus": 2})
     with pytest.raises(ValidationError, match="name"):

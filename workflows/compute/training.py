@@ -423,5 +423,7 @@ class Progress:
             fields.append(f"ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}")
         if "val/top1" in metrics:
             fields.append(f"val top-1 {metrics['val/top1']:.2%}")
+        if "val_ema/top1" in metrics:
+            fields.append(f"EMA {metrics['val_ema/top1']:.2%}")
         print(" | ".join(fields), flush=True)
 

@@ -27,6 +27,7 @@ from typing import Any
 
 from vit import ViTConfig, gflops
 from vit.data import DataConfig, check_dataset, read_dataset_index
+from vit.ema import EMA_PREFIX, better_weights
 from vit.finetune import FinetuneConfig
 from vit.loop import TrainConfig
 from workflows import tags as tag
@@ -368,6 +369,8 @@ def trials_table(grid) -> list[dict[str, Any]]:
             "val_top1": float(metrics.get(METRIC, math.nan)),
             "val_top5": float(metrics.get("val/top5", math.nan)),
             "val_loss": float(metrics.get("val/loss", math.nan)),
+            "val_ema_top1": float(metrics.get(f"{EMA_PREFIX}top1", math.nan)),  # nan: the trial kept no EMA
+            "weights": better_weights(metrics),  # the trial's better weights on validation: raw or ema
             "steps": int(metrics.get("step", 0)),
             "status": "error" if result.error else "finished",
             "images_per_sec": statistics.median(throughput) if throughput else math.nan,
@@ -455,13 +458,14 @@ def _conclude(config: FinetuneSearchConfig, grid, pretrained, index, tracking_ur
                                                        "trials_failed": sum(r["status"] == "error" for r in rows)})
 
     with Checkpoint(best["checkpoint_path"]).as_directory() as folder:
-        model = model_from_checkpoint(folder)
+        model = model_from_checkpoint(folder, weights=best["weights"])
     data = DataConfig.from_dict({**config.data.to_dict(), "image_size": model.config.image_size[0]})
     test = evaluate(model, eval_loader(config.dataset, data, rank=0, world_size=1, split=config.test_split))
     best_run = tracking.find_run(tracking_uri, config.tracking.experiment,
                                  {tag.TRIAL_ID: best["trial_id"], tag.SEARCH_RUN_ID: search_run_id})
     best_run = best_run or search_run_id
     tracking.log_metrics(tracking_uri, best_run, {"test/top1": test["top1"], "test/top5": test["top5"]})
+    tracking.set_tags(tracking_uri, best_run, {tag.WEIGHTS: best["weights"]})
     logged = tracking.log_vit_model(tracking_uri, best_run, model, list(index.class_names), preprocessing=tracking.preprocessing_of(data))
     tracking.log_model_figures(tracking_uri, best_run, model, config.dataset, config.val_split, data)
     version, champion = None, False
@@ -476,6 +480,7 @@ def _conclude(config: FinetuneSearchConfig, grid, pretrained, index, tracking_ur
             "lr": f"{best['lr']:.4g}",
             "test_split": test_key,
             "test_top1": f"{test['top1']:.6f}",
+            "weights": best["weights"],
         }
         version = tracking.register_model(tracking_uri, logged.model_uri, config.register_as, tags, best_run)
         champion = tracking.promote_if_better(tracking_uri, config.register_as, version, config.champion_alias,

@@ -20,6 +20,7 @@ from pathlib import Path
 from vit import gflops
 from vit.checkpoint import model_from_checkpoint
 from vit.data import check_dataset, read_dataset_index
+from vit.ema import better_weights
 from workflows import tags as tag
 from workflows import tracking
 from workflows.compute.training import WorkerSpec, system_tags, torch_trainer
@@ -119,9 +120,11 @@ def run_pretrain(config: PretrainConfig, *, parent_run_id: str | None = None, co
         raise
     if result.checkpoint is None:
         raise RuntimeError(f"pre-training run {config.name!r} ended without a checkpoint")
-    model = _final_model(result.checkpoint)
     metrics = {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}  # the final report's
+    weights = better_weights(metrics)  # the trained weights, or their EMA where it validates better
+    model = _final_model(result.checkpoint, weights)
     tags = {
+        "weights": weights,
         "variant": model_config.variant or "custom",
         "image_size": model_config.image_size[0],
         "dataset_fingerprint": index.fingerprint,
@@ -136,6 +139,7 @@ def run_pretrain(config: PretrainConfig, *, parent_run_id: str | None = None, co
             for spilled_run, spilled in tracking.read_spilled_metrics(offline / tracking.OFFLINE_METRICS).items():
                 tracking.send_metrics(tracking_uri, spilled_run, spilled)
             (offline / tracking.OFFLINE_METRICS).unlink()
+        tracking.set_tags(tracking_uri, run_id, {tag.WEIGHTS: weights})
         logged = tracking.log_vit_model(tracking_uri, run_id, model, list(index.class_names),
                                         preprocessing=tracking.preprocessing_of(config.data))
         tracking.log_model_figures(tracking_uri, run_id, model, config.dataset, config.val_split, config.data)
@@ -160,9 +164,9 @@ def run_pretrain(config: PretrainConfig, *, parent_run_id: str | None = None, co
                           version=version, dataset_fingerprint=index.fingerprint, metrics=metrics)
 
 
-def _final_model(checkpoint):
+def _final_model(checkpoint, weights: str):
     with checkpoint.as_directory() as folder:
-        return model_from_checkpoint(folder)
+        return model_from_checkpoint(folder, weights=weights)
 
 
 def offline_dir(storage: str, name: str) -> str:
