@@ -25,8 +25,12 @@ class DataConfig:
     randaugment: bool = False
     randaugment_num_ops: int = 2
     randaugment_magnitude: int = 9
+    random_erasing: float = 0.0  # probability an image gets a random rectangle of noise (DeiT: 0.25)
     mixup_alpha: float = 0.0  # > 0 enables MixUp (soft targets)
     cutmix_alpha: float = 0.0  # > 0 enables CutMix; with both, one is picked per batch
+    mix_prob: float = 1.0  # probability a batch is mixed at all (with MixUp or CutMix on)
+    mix_switch_prob: float = 0.5  # with both on: probability a mixed batch gets CutMix rather than MixUp
+    mix_off_epoch: int = 0  # > 0: no MixUp / CutMix from this epoch (0-based) on, as DeiT's last epochs; 0: never off
     crop_pct: float = 0.875  # eval: resize the shorter side to image_size / crop_pct, then center-crop
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
@@ -45,7 +49,7 @@ class DataConfig:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 problems.append(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         for name in ("num_workers", "shuffle_buffer", "seed", "max_bad_samples", "max_bad_shards",
-                     "randaugment_num_ops", "randaugment_magnitude"):
+                     "randaugment_num_ops", "randaugment_magnitude", "mix_off_epoch"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 problems.append(f"{name} must be an integer >= 0, got {getattr(self, name)!r}")
         low, high = self.crop_scale
@@ -53,8 +57,9 @@ class DataConfig:
             problems.append(f"crop_scale must be (low, high) with 0 < low <= high <= 1, got {self.crop_scale}")
         if len(self.crop_ratio) != 2 or not 0 < self.crop_ratio[0] <= self.crop_ratio[1]:
             problems.append(f"crop_ratio must be (low, high) with 0 < low <= high, got {self.crop_ratio}")
-        if not 0 <= self.hflip <= 1:
-            problems.append(f"hflip must be a probability in [0, 1], got {self.hflip}")
+        for name in ("hflip", "random_erasing", "mix_prob", "mix_switch_prob"):
+            if not 0 <= getattr(self, name) <= 1:
+                problems.append(f"{name} must be a probability in [0, 1], got {getattr(self, name)}")
         if not 0 <= self.randaugment_magnitude <= 30:
             problems.append(f"randaugment_magnitude must be in [0, 30], got {self.randaugment_magnitude}")
         for name in ("mixup_alpha", "cutmix_alpha"):

@@ -133,7 +133,7 @@ class _EpochStream(IterableDataset):
             stream = self._shuffled(stream, random.Random(seed))
         stream = itertools.chain(stream, self._raw(span.start + span.num_samples, counters))
         transform = train_transform(config) if self.train else eval_transform(config)
-        mix = batch_transform(config, self.num_classes) if self.train else None
+        mix = batch_transform(config, self.num_classes, self.epoch) if self.train else None
         roles = len(self.ranges)
         # Batches of this role already consumed before start_batch: rank-batches i < start_batch, i % k == role.
         first = max(0, -(-(self.start_batch - role) // roles))
