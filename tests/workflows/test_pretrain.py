@@ -78,7 +78,7 @@ def test_two_workers_learn_survive_a_failure_register_and_reload(tmp_path, cifar
     plain = tracking.load_plain_model(uri, f"models:/vit-pretrained/{result.version}")
     model = VisionTransformer(plain.config).eval()
     model.load_state_dict(plain.state_dict)
-    final = sorted((tmp_path / "runs" / "ddp-2").glob("checkpoint_*"))[-1]  # Ray names them by time
+    final = sorted(p for p in (tmp_path / "runs" / "ddp-2").glob("checkpoint_*") if p.is_dir())[-1]  # named by time
     chosen = model_from_checkpoint(final, weights=version.tags["weights"])
     for key, value in chosen.state_dict().items():
         torch.testing.assert_close(plain.state_dict[key], value, rtol=0, atol=0, msg=key)
