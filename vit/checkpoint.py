@@ -202,6 +202,8 @@ def model_from_checkpoint(
     This rebuilds the model as it was trained; fine-tuning's new head and resolution are
     :func:`load_pretrained`'s job.
     """
+    if weights not in ("raw", "ema"):
+        raise ValueError(f"weights must be 'raw' or 'ema', got {weights!r}")
     origin = "checkpoint"
     if isinstance(checkpoint, (str, Path)):
         path = Path(checkpoint)
@@ -222,12 +224,10 @@ def model_from_checkpoint(
     elif config is None:
         raise ValueError(f"{origin}: not a {CHECKPOINT_FORMAT} v{CHECKPOINT_VERSION} checkpoint "
                          "(bare weights need their config)")
+    elif weights == "ema":
+        raise ValueError(f"{origin}: bare weights hold no weight EMA")
     else:
         state = checkpoint
-    if weights not in ("raw", "ema"):
-        raise ValueError(f"weights must be 'raw' or 'ema', got {weights!r}")
-    if weights == "ema" and checkpoint.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{origin}: bare weights hold no weight EMA")
     model = VisionTransformer(config)
     try:
         model.load_state_dict(state)  # strict: every key, every shape

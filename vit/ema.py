@@ -60,12 +60,13 @@ class WeightEMA:
 
     def __init__(self, model: nn.Module, config: EmaConfig):
         self.config = config
+        # AveragedModel's own count (``n_averaged``) lives on the model's device: reading it every step
+        # would wait for the device. This host-side copy is the same number, set again on load.
+        self._updates = 0
 
-        def average(averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged: torch.Tensor) -> None:
-            # AveragedModel copies the weights on its first update (num_averaged 0) and calls this from
-            # the second on, with num_averaged = the updates so far.
-            decay = decay_at(config, int(num_averaged) - 1)
-            torch._foreach_lerp_(averaged, current, 1.0 - decay)
+        def average(averaged: list[torch.Tensor], current: list[torch.Tensor], _: torch.Tensor) -> None:
+            # AveragedModel copies the weights on its first update and calls this from the second on.
+            torch._foreach_lerp_(averaged, current, 1.0 - decay_at(config, self._updates - 1))
 
         self.averaged = AveragedModel(model, multi_avg_fn=average, use_buffers=True)
         self.averaged.eval()
@@ -76,17 +77,19 @@ class WeightEMA:
 
     @property
     def num_updates(self) -> int:
-        return int(self.averaged.n_averaged)
+        return self._updates
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         self.averaged.update_parameters(model)
+        self._updates += 1
 
     def state_dict(self) -> dict[str, Any]:
         return self.averaged.state_dict()
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.averaged.load_state_dict(state)
+        self._updates = int(self.averaged.n_averaged)
 
 
 def ema_weights(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

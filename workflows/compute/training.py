@@ -25,6 +25,7 @@ from typing import Any
 
 from vit import ViTConfig
 from vit.data import DataConfig
+from vit.ema import EMA_PREFIX
 from vit.loop import TrainConfig
 from vit.precision import Hardware, SlowPrecisionWarning, probe, resolve_precision
 from workflows import tracking
@@ -423,7 +424,7 @@ class Progress:
             fields.append(f"ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}")
         if "val/top1" in metrics:
             fields.append(f"val top-1 {metrics['val/top1']:.2%}")
-        if "val_ema/top1" in metrics:
-            fields.append(f"EMA {metrics['val_ema/top1']:.2%}")
+        if f"{EMA_PREFIX}top1" in metrics:
+            fields.append(f"EMA {metrics[f'{EMA_PREFIX}top1']:.2%}")
         print(" | ".join(fields), flush=True)
 

@@ -67,8 +67,8 @@ def log_vit_model(
                 serialization_format="pt2",  # torch.export: loading it runs no pickle
                 # Stated, not inferred: MLflow infers requirements by loading the model in a fresh Python
                 # process and scanning every installed distribution (18 s of a 28 s log on a 2-core Xeon;
-                # it also picked up nvidia-ml-py and tqdm). Loading an exported ViT needs torch alone;
-                # MLflow adds itself to the list.
+                # it also picked up nvidia-ml-py and tqdm). Loading an exported ViT needs what MLflow's
+                # pytorch flavour lists by default (torch, cloudpickle); MLflow adds itself.
                 pip_requirements=mlflow.pytorch.get_default_pip_requirements(),
             )
     return LoggedModel(model_uri=info.model_uri, run_id=run_id)
