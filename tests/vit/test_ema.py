@@ -65,7 +65,8 @@ def test_fit_evaluates_the_ema_beside_the_weights_and_checkpoints_it(cifar, tmp_
     # The metrics it reported are the EMA model's own.
     from vit.loop import evaluate
 
-    direct = evaluate(averaged, eval_loader(cifar, data, rank=0, world_size=1))
+    # In the precision the run used (bf16 where the CPU has it: "auto"), which the checkpoint records.
+    direct = evaluate(averaged, eval_loader(cifar, data, rank=0, world_size=1), precision=state["precision"])
     assert final["val_ema/top1"] == pytest.approx(direct["top1"]) and final["val_ema/loss"] == pytest.approx(direct["loss"])
 
 
