@@ -97,6 +97,79 @@ def test_plan_gives_every_rank_the_same_batches_and_covers_the_epoch():
             assert sum(s.num_samples for _, ranges in evals for s in ranges) == total
 
 
+def test_repeated_augmentation_plan_reads_each_sample_k_times_on_k_ranks():
+    for total in (7, 32, 33, 100):
+        for world, batch, roles in ((1, 4, 1), (2, 4, 2), (3, 5, 2), (4, 3, 3)):
+            for repeats in (2, 3):
+                plain = [plan_epoch(total, batch, r, world, roles, train=True) for r in range(world)]
+                plans = [plan_epoch(total, batch, r, world, roles, train=True, repeats=repeats, epoch=1)
+                         for r in range(world)]
+                # the epoch keeps its length: the same batches on every rank as without repeats
+                assert {b for b, _ in plans} == {plain[0][0]}
+                per_rank = plain[0][0] * batch
+                unique = -(-per_rank // repeats)
+                copies: dict[int, list[int]] = {}
+                for rank, (_, ranges) in enumerate(plans):
+                    assert sum(s.num_samples for s in ranges) == per_rank
+                    for span in ranges:
+                        for start, count in span.segments:
+                            for position in range(start, start + count):
+                                copies.setdefault(position % total, []).append(rank)
+                if world * unique <= total:  # distinct positions: no wrap-around onto themselves
+                    assert len(copies) == world * unique
+                    assert sum(len(ranks) == repeats for ranks in copies.values()) >= len(copies) - world * (repeats - 1)
+                    assert all(len(ranks) <= repeats for ranks in copies.values())
+                    if repeats <= world:  # the copies of a sample go to different ranks
+                        assert all(len(set(ranks)) == len(ranks) for ranks in copies.values())
+                # epoch 1 starts where epoch 0's distinct samples ended
+                first = plan_epoch(total, batch, 0, world, roles, train=True, repeats=repeats, epoch=0)[1][0]
+                assert plans[0][1][0].start == (first.start + world * unique) % total
+    with pytest.raises(ValueError, match="repeats must be a positive integer"):
+        plan_epoch(10, 2, 0, 1, 1, train=True, repeats=0)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_repeated_augmentation_on_real_shards(uneven, workers):
+    """Two ranks, k = 2: equal batches as without repeats, 16 distinct images each seen twice, once per
+    rank, augmented differently; a resumed epoch gives the same batches."""
+    config = tiny_config(num_workers=workers, repeated_augmentation=2, shuffle_buffer=4)
+    loaders = [train_loader(uneven, config, rank=r, world_size=2) for r in range(2)]
+    per_rank = [list(loader.epoch(0)) for loader in loaders]
+    assert [len(b) for b in per_rank] == [4, 4] == [loader.batches_per_epoch for loader in loaders]
+    keys = [keys_of(batches) for batches in per_rank]
+    seen = Counter(keys[0] + keys[1])
+    assert len(seen) == 16 and set(seen.values()) == {2}
+    assert set(keys[0]) == set(keys[1])  # each image's two copies: one on each rank
+    images = {}
+    for batches in per_rank:
+        for batch in batches:
+            for key, image in zip(batch.keys, batch.images):
+                images.setdefault(key, []).append(image)
+    assert all(not torch.equal(a, b) for a, b in images.values())  # augmented independently
+    # the next epoch reads the next 16 distinct images: the two epochs cover all 32
+    next_keys = set(keys_of(loaders[0].epoch(1))) | set(keys_of(loaders[1].epoch(1)))
+    assert len(next_keys) == 16 and next_keys | set(seen) == {f"train{i:05d}" for i in range(32)}
+    full, resumed = list(loaders[1].epoch(3)), list(loaders[1].epoch(3, start_batch=2))
+    for a, b in zip(full[2:], resumed, strict=True):
+        assert a.keys == b.keys
+        torch.testing.assert_close(a.images, b.images, rtol=0, atol=0)
+
+
+def test_one_rank_reads_each_image_k_times(uneven):
+    config = tiny_config(repeated_augmentation=3, batch_size=8)
+    loader = train_loader(uneven, config, rank=0, world_size=1)
+    batches = list(loader.epoch(0))
+    assert len(batches) == 4  # ceil(32 / 8): the epoch's length does not change
+    seen = Counter(keys_of(batches))
+    assert len(seen) == 11 and sorted(seen.values()) == [2] + [3] * 10  # ceil(32 / 3) = 11; the last cut short
+    images = {}
+    for batch in batches:
+        for key, image in zip(batch.keys, batch.images):
+            images.setdefault(key, []).append(image)
+    for copies in images.values():  # augmented independently, wherever the shuffle buffer put them
+        assert all(not torch.equal(a, b) for i, a in enumerate(copies) for b in copies[i + 1:])
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_two_ranks_get_equal_batches_and_cover_uneven_shards(uneven, workers):
     config = tiny_config(num_workers=workers)
@@ -228,6 +301,8 @@ def test_bad_manifest_and_config_fail_early(tmp_path):
         read_dataset_index(tmp_path)
     with pytest.raises(ValueError, match="batch_size"):
         DataConfig(batch_size=0)
+    with pytest.raises(ValueError, match="repeated_augmentation must be a positive integer, got 0"):
+        DataConfig(repeated_augmentation=0)
     with pytest.raises(ValueError, match="unknown DataConfig keys: batchsize"):
         DataConfig.from_dict({"batchsize": 3})
     assert DataConfig.from_dict(tiny_config().to_dict()) == tiny_config()

@@ -31,6 +31,10 @@ class DataConfig:
     mix_prob: float = 1.0  # probability a batch is mixed at all (with MixUp or CutMix on)
     mix_switch_prob: float = 0.5  # with both on: probability a mixed batch gets CutMix rather than MixUp
     mix_off_epoch: int = 0  # > 0: no MixUp / CutMix from this epoch (0-based) on, as DeiT's last epochs; 0: never off
+    # training: each image read this many times an epoch, augmented independently each time, the copies on
+    # different ranks (vit.data.plan); the epoch keeps its length, so it holds 1/k as many distinct images.
+    # DeiT: 3. 1: off
+    repeated_augmentation: int = 1
     crop_pct: float = 0.875  # eval: resize the shorter side to image_size / crop_pct, then center-crop
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
@@ -45,7 +49,7 @@ class DataConfig:
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
         object.__setattr__(self, "std", tuple(float(v) for v in self.std))
         problems = []
-        for name in ("batch_size", "image_size"):
+        for name in ("batch_size", "image_size", "repeated_augmentation"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 problems.append(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         for name in ("num_workers", "shuffle_buffer", "seed", "max_bad_samples", "max_bad_shards",

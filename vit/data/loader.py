@@ -104,6 +104,15 @@ class _EpochStream(IterableDataset):
             if empty_cycles > len(self.order):
                 raise DataError(f"no readable samples in any shard of this split (last: {shard.url})")
 
+    def _runs(self, segments: Sequence[tuple[int, int]], counters: dict) -> Iterator[RawSample]:
+        """The samples of each (start, count) run, one run after the other."""
+        for start, count in segments:
+            raw = self._raw(start, counters)
+            try:
+                yield from itertools.islice(raw, count)
+            finally:
+                raw.close()
+
     def _shuffled(self, samples: Iterator[RawSample], rng: random.Random) -> Iterator[RawSample]:
         size = self.config.shuffle_buffer if self.train else 0
         if size <= 1:
@@ -128,10 +137,10 @@ class _EpochStream(IterableDataset):
         seed = derive_seed(config.seed, self.epoch, self.rank, role)
         # The range's own samples go through the shuffle buffer, so it never reads ahead into another role's
         # range; samples past the range only stand in for corrupt ones.
-        stream = itertools.islice(self._raw(span.start, counters), span.num_samples)
+        stream = self._runs(span.segments, counters)
         if self.train:
             stream = self._shuffled(stream, random.Random(seed))
-        stream = itertools.chain(stream, self._raw(span.start + span.num_samples, counters))
+        stream = itertools.chain(stream, self._raw(span.end, counters))
         transform = train_transform(config) if self.train else eval_transform(config)
         mix = batch_transform(config, self.num_classes, self.epoch) if self.train else None
         roles = len(self.ranges)
@@ -197,11 +206,13 @@ class ShardLoader:
         self.split, self.config, self.train = split, config, train
         self.rank, self.world_size = rank, world_size
         self.num_roles = max(config.num_workers, 1)
-        self.batches_per_epoch, self._ranges = plan_epoch(
-            self.split_index.num_samples, config.batch_size, rank, world_size, self.num_roles,
-            train=train, drop_last=config.drop_last,
-        )
+        self.batches_per_epoch, self._ranges = self._plan(0)
         self.stats = LoaderStats()
+
+    def _plan(self, epoch: int) -> tuple[int, list[RoleRange]]:
+        return plan_epoch(self.split_index.num_samples, self.config.batch_size, self.rank, self.world_size,
+                          self.num_roles, train=self.train, drop_last=self.config.drop_last,
+                          repeats=self.config.repeated_augmentation if self.train else 1, epoch=epoch)
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -213,7 +224,7 @@ class ShardLoader:
 
     @property
     def num_samples(self) -> int:
-        """Samples this rank yields per epoch (padding included for training)."""
+        """Samples this rank yields per epoch (padding and repeated copies included for training)."""
         return sum(r.num_samples for r in self._ranges)
 
     def __len__(self) -> int:
@@ -228,7 +239,7 @@ class ShardLoader:
             raise ValueError(f"start_batch {start_batch} is not in [0, {self.batches_per_epoch}]")
         shards = self.split_index.shards
         order = shard_order(len(shards), self.config.seed, epoch) if self.train else list(range(len(shards)))
-        stream = _EpochStream(shards, order, self._ranges, config=self.config, num_classes=self.num_classes,
+        stream = _EpochStream(shards, order, self._plan(epoch)[1], config=self.config, num_classes=self.num_classes,
                               train=self.train, epoch=epoch, rank=self.rank, start_batch=start_batch)
         workers = self.config.num_workers
         # Its own generator: creating a DataLoader iterator otherwise draws from the global torch RNG, and a
