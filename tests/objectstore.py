@@ -21,11 +21,20 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+_HANDED_OUT: set[int] = set()
+
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free TCP port on 127.0.0.1 that this process has not handed out before: once a probe socket is
+    closed the OS may offer the same port again, and two servers (or two components of one Ray node: its
+    dashboard and its agent, seen here) told the same port refuse to start."""
+    while True:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def weed_binary() -> str:

@@ -142,6 +142,7 @@ def owns(owner: str, path: str) -> bool:
 # and cli packages, its own package too); so the stages never import each other, and nothing imports the CLI.
 STAGES = ("preprocess", "pretrain", "finetune", "evaluate", "preflight")
 LAYERS = (
+    ("recipes", ("workflows.recipes",)),
     ("configs", ("workflows.configs", "workflows.tags")),
     ("results", ("workflows.results",)),
     ("spec", ("workflows.spec",)),

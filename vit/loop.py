@@ -40,6 +40,7 @@ from vit.checkpoint import (
 from vit.config import ViTConfig
 from vit.data import check_class_map
 from vit.data.plan import derive_seed
+from vit.distill import DistillConfig, distillation_loss
 from vit.ema import EMA_PREFIX, EmaConfig, WeightEMA
 from vit.flops import train_flops
 from vit.optim import OptimConfig, build_optimizer, build_schedule
@@ -70,12 +71,16 @@ class TrainConfig:
     seed: int = 0  # dropout / stochastic depth randomness (per rank: derived from seed and rank)
     # an EMA of the weights (vit.ema), evaluated beside them as val_ema/...; None: off
     ema: EmaConfig | None = None
+    # knowledge distillation from a frozen teacher (vit.distill), which fit is given; None: off
+    distill: DistillConfig | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.optim, Mapping):
             object.__setattr__(self, "optim", OptimConfig.from_dict(dict(self.optim)))
         if isinstance(self.ema, Mapping):
             object.__setattr__(self, "ema", EmaConfig.from_dict(dict(self.ema)))
+        if isinstance(self.distill, Mapping):
+            object.__setattr__(self, "distill", DistillConfig.from_dict(dict(self.distill)))
         problems = []
         for name in ("total_steps", "grad_accum_steps", "log_every"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
@@ -96,6 +101,7 @@ class TrainConfig:
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         data["optim"] = self.optim.to_dict()
         data["ema"] = self.ema.to_dict() if self.ema is not None else None
+        data["distill"] = self.distill.to_dict() if self.distill is not None else None
         return data
 
     @classmethod
@@ -187,6 +193,7 @@ def fit(
     all_reduce: Callable[[torch.Tensor], torch.Tensor | None] | None = None,
     metadata: Mapping[str, Any] | None = None,
     peak_flops: float | None = None,
+    teacher: nn.Module | None = None,
 ) -> dict[str, float]:
     """Train ``model`` for exactly ``config.total_steps`` optimiser steps; return the last metrics.
 
@@ -201,14 +208,23 @@ def fit(
     optimiser step on every rank, evaluated beside the weights at each evaluation (``val_ema/...``), and
     saved in (and resumed exactly from) every checkpoint.
 
+    With ``config.distill`` the loss is ``vit.distill.distillation_loss`` against ``teacher`` (a
+    ``vit.distill.Teacher``: frozen, in eval mode, at its own resolution), which runs in the same precision
+    on every rank; the teacher is an input, not trained state: it is not checkpointed.
+
     Each log step also reports this rank's speed over the window since the last: ``perf/images_per_sec``,
     ``perf/data_wait_fraction`` (the share of the window's training time spent waiting for the next batch)
     and, given the device's ``peak_flops`` (``vit.perf.peak_flops``), ``perf/mfu``: model training FLOPs per
     second (``vit.flops.train_flops``) over that peak.
     """
+    if (config.distill is None) != (teacher is None):
+        raise ValueError("fit: a teacher needs train.distill, and train.distill needs a teacher "
+                         f"(distill: {config.distill}; teacher given: {teacher is not None})")
     device = torch.device(device)
     precision = resolve_precision(config.precision, probe(device))
     model.to(device)
+    if teacher is not None:
+        teacher.to(device).eval()
     optimizer = build_optimizer(model, config.optim)
     schedule = build_schedule(optimizer, config.optim, config.total_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
@@ -257,7 +273,12 @@ def fit(
                 with sync:
                     with autocast(precision, device):
                         logits = forward(images)  # (B, K)
-                    loss = F.cross_entropy(logits.float(), targets, label_smoothing=config.label_smoothing)
+                        taught = teacher(images) if teacher is not None else None
+                    if taught is None:
+                        loss = F.cross_entropy(logits.float(), targets, label_smoothing=config.label_smoothing)
+                    else:
+                        loss = distillation_loss(logits, taught, targets, config.distill,
+                                                 label_smoothing=config.label_smoothing)
                     scaler.scale(loss / accum).backward()
                 step_loss += loss.detach() / accum
                 images_seen += images.shape[0]

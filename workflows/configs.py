@@ -24,6 +24,7 @@ from vit.data import DataConfig
 from vit.finetune import FinetuneConfig, FinetuneMode, paper_finetune_optim
 from vit.loop import TrainConfig
 from vit.optim import OptimConfig
+from workflows.recipes import RecipeError, apply_recipe
 
 
 class ModelSpec(BaseModel):
@@ -89,6 +90,8 @@ class PretrainSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    recipe: str | None = Field(None, description="a named training recipe (workflows/recipes, `vitflow recipe list`) "
+                                                 "merged under this section: the section's own keys override it")
     train_split: str = "train"
     val_split: str = "val"
     model: ModelSpec = ModelSpec()
@@ -102,9 +105,15 @@ class PretrainSettings(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _one_resolution(cls, data: Any) -> Any:
-        """The model's image_size is the resolution the loader crops to: a different data.image_size would be
+    def _recipe_and_one_resolution(cls, data: Any) -> Any:
+        """The recipe, if one is named, goes under the section's own keys (``workflows.recipes``). Then: the
+        model's image_size is the resolution the loader crops to: a different data.image_size would be
         replaced by it, so it is refused by name (the same value, as a dump of this section holds, is fine)."""
+        if isinstance(data, dict) and data.get("recipe") is not None:
+            try:
+                data = apply_recipe(data)
+            except RecipeError as error:
+                raise ValueError(f"recipe: {error}") from None
         if not (isinstance(data, dict) and isinstance(data.get("data"), dict) and "image_size" in data["data"]):
             return data
         try:
@@ -233,6 +242,9 @@ class SearchConfig(BaseModel):
                 problems.append(f"{name}: {configs[section].__name__} has no field {key!r}")
             elif name in SEARCH_OWNED and name != "optim.lr":  # optim.lr: a grid in place of search.lr's draw
                 problems.append(f"{name}: not a choice: {SEARCH_OWNED[name][0]}")
+            elif name == "train.distill":
+                problems.append(f"{name}: not a choice: the teacher is checked and pinned once for the whole search; "
+                                "give train.distill in the section (one teacher for every trial)")
             elif name in SECTION_WIDE:
                 problems.append(f"{name}: not a choice: the search schedules every trial by the section's {name}")
             if not values:

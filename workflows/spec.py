@@ -30,6 +30,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from pipeline.config import ShardConfig
 from workflows.configs import FinetuneSettings, PretrainSettings, Tracking
+from workflows.recipes import (
+    merge,  # extends merges spec files as a recipe merges under a section
+)
 
 MODEL_URI = re.compile(r"models:/[^/@\s]+(/\d+|@[A-Za-z0-9_-]+)|models:/m-[0-9a-f]+|runs:/[0-9a-f]+/\S+")  # fullmatch
 # user:password@ in a URI: it would be logged with the resolved spec. Credentials come from the environment.
@@ -109,6 +112,12 @@ class WorkflowSpec(BaseModel):
                 bad = [size for size in self.finetune.search.image_size if size % patch]
                 if bad:
                     problems.append(f"finetune.search.image_size: {bad} not divisible by the pre-trained patch size {patch}")
+        for stage_name in ("pretrain", "finetune"):
+            stage = getattr(self, stage_name)
+            distill = stage.train.distill if stage is not None else None
+            if distill is not None and not _is_model_reference(distill.teacher):
+                problems.append(f"{stage_name}.train.distill.teacher: {distill.teacher!r} is not a model URI "
+                                "(models:/NAME/VERSION, models:/NAME@ALIAS, runs:/RUN_ID/PATH) or an existing folder")
         if self.evaluate is not None:
             if self.evaluate.model is None and self.finetune is None:
                 problems.append("evaluate.model: needed when the spec has no finetune stage")
@@ -284,18 +293,6 @@ def _read_mapping(path: Path, extended_by: tuple[Path, ...]) -> Any:
     if not isinstance(data, dict):
         raise SpecError(f"{path}{by}: a workflow spec is a YAML mapping, got {type(data).__name__}")
     return data
-
-
-def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    """``override`` over ``base``, as ``extends`` combines two specs: mappings merge key by key, any other
-    value (a scalar, a list, null) replaces the base's. Neither argument is changed."""
-    merged = dict(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
 
 
 def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:

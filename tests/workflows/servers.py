@@ -15,7 +15,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,18 +25,13 @@ from pathlib import Path
 
 import requests
 
+from tests.objectstore import free_port
 from workflows.compute.local_ray import reap
 
 VENV_BIN = Path(sys.executable).parent
 # How long a server gets to answer after it starts: a fresh SQLite store migrates first, and a loaded
 # 2-core machine runs at a small fraction of its idle speed (the start loops fail fast if it dies).
 STARTUP_S = 300
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass(frozen=True)

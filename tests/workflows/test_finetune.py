@@ -223,3 +223,43 @@ def test_a_trial_trained_to_its_end_counts_as_finished(tmp_path, flowers_shards)
     assert result is not None and result["step"] == 4 and result["val/top1"] == pytest.approx(0.4)
     assert result["checkpoint_path"].endswith("checkpoint_2026-11-24_01-00-09.000001")
     assert _finished_trial_result(uri, run_id, str(storage), total_steps=6) is None  # trained 4 of 6 steps
+
+
+@pytest.mark.slow
+def test_distillation_from_a_registered_teacher_pinned_to_its_version(pretrained, cifar_shards, flowers_shards,
+                                                                    local_ray, tmp_path):
+    """A student pre-trained through the real stage (Ray Train) distils from the registered model at the
+    teacher's own resolution (student 16 px, teacher 32 px); the alias is pinned to the version it named. A
+    teacher for other classes is refused before anything starts, naming the key."""
+    from workflows.configs import PretrainConfig
+    from workflows.stages.pretrain import run_pretrain
+
+    uri, version, store = pretrained
+    client = MlflowClient(uri, registry_uri=uri)
+    client.set_registered_model_alias("vit-pretrained", "teacher", version)
+    client.set_registered_model_alias("vit-pretrained", "candidate", version)  # the searches' pretrained model
+    distill = {"teacher": "models:/vit-pretrained@teacher", "kind": "soft", "alpha": 0.7, "temperature": 2.0}
+    # A CIFAR-10 teacher for a Flowers-17 search: other classes.
+    wrong = search_config(store, flowers_shards, "distil-wrong",
+                          train={"total_steps": 12, "log_every": 4, "eval_every": 4, "checkpoint_every": 4, "distill": distill})
+    with pytest.raises(ValueError, match=r"train\.distill\.teacher: the teacher models:/vit-pretrained@teacher predicts "
+                                         r"10 classes .* the class maps differ"):
+        run_finetune(wrong)
+    with pytest.raises(ValueError, match=r"train\.distill: not a choice"):
+        search_config(store, flowers_shards, "x", search={"image_size": [32], "lr": {"min": 0.01, "max": 0.1},
+                                                         "choices": {"train.distill": [None, distill]}})
+
+    config = PretrainConfig.model_validate({
+        "name": "student", "dataset": str(cifar_shards), "register_as": "vit-student",
+        "model": {"variant": "Ti/8", "image_size": 16, "embed_dim": 32, "depth": 1, "num_heads": 2},
+        "data": {"batch_size": 16, "num_workers": 0, "crop_pct": 1.0, **CIFAR_NORM},
+        "train": {"total_steps": 6, "log_every": 3, "distill": distill},
+        "storage_path": str(tmp_path / "runs"),
+        "tracking": {"uri": uri, "experiment": "finetune-test"},
+    })
+    result = run_pretrain(config)
+    assert result.metrics["step"] == 6 and result.metrics["train/loss"] > 0
+    run = client.get_run(result.run_id)
+    pinned = f"models:/vit-pretrained/{version}"
+    assert run.data.params["train.distill.teacher"] == pinned and run.data.params["train.distill.kind"] == "soft"
+    assert client.get_model_version("vit-student", result.version).tags["teacher_model"] == pinned

@@ -16,13 +16,16 @@ from workflows import tracking
 from workflows.stages.pretrain import PretrainConfig, run_pretrain
 from workflows.tracking.runs import _using
 
+DATA = {"batch_size": 32, "num_workers": 1, "shuffle_buffer": 64, "crop_scale": (0.5, 1.0), "mean": (0.49, 0.48, 0.45),
+        "std": (0.25, 0.24, 0.26)}
+
 
 def config(tmp_path, shards, name: str, **changes) -> PretrainConfig:
     fields = dict(
         name=name,
         dataset=str(shards),
         model={"variant": "Ti/8", "image_size": 32, "embed_dim": 48, "depth": 2, "num_heads": 3},
-        data={"batch_size": 32, "num_workers": 1, "shuffle_buffer": 64, "crop_scale": (0.5, 1.0), "mean": (0.49, 0.48, 0.45), "std": (0.25, 0.24, 0.26)},
+        data=DATA,
         train={"total_steps": 30, "log_every": 5, "checkpoint_every": 10, "optim": {"lr": 2e-3, "warmup_steps": 3, "weight_decay": 0.0}},
         resources={"num_workers": 2},
         storage_path=str(tmp_path / "runs"),
@@ -40,7 +43,10 @@ def loss_history(uri: str, run_id: str) -> list[tuple[int, float]]:
 def test_two_workers_learn_survive_a_failure_register_and_reload(tmp_path, cifar_shards, local_ray):
     # Rank 0 fails once at step 12: Ray Train replaces the worker group, which resumes from the step-10
     # checkpoint (not from 0) and stops at exactly the configured 30 steps: each step is logged once.
-    settings = config(tmp_path, cifar_shards, "ddp-2", fail_at_step=12, max_failures=1,
+    # With the training pack on: a recipe (augreg-light: RandAugment, AdamW, clipping) under the section's own
+    # keys, MixUp, repeated augmentation (each image's 2 copies on the 2 ranks) and a weight EMA.
+    data = {**DATA, "mixup_alpha": 0.2, "repeated_augmentation": 2}
+    settings = config(tmp_path, cifar_shards, "ddp-2", fail_at_step=12, max_failures=1, data=data, recipe="augreg-light",
                       train={"total_steps": 30, "log_every": 5, "checkpoint_every": 10, "ema": {"decay": 0.8},
                              "optim": {"lr": 2e-3, "warmup_steps": 3, "weight_decay": 0.0}})
     result = run_pretrain(settings)
@@ -72,6 +78,9 @@ def test_two_workers_learn_survive_a_failure_register_and_reload(tmp_path, cifar
     assert version.tags["dataset_fingerprint"] == result.dataset_fingerprint
     # A weight EMA was kept (resumed with the rest after the failure): the better on validation is registered.
     assert run.data.params["train.ema.decay"] == "0.8"
+    assert run.data.params["data.repeated_augmentation"] == "2" and run.data.params["data.mixup_alpha"] == "0.2"
+    assert run.data.params["recipe"] == "augreg-light" and run.data.params["data.randaugment"] == "True"  # the recipe's
+    assert run.data.params["train.optim.lr"] == "0.002"  # the section's own, over the recipe's 0.001
     assert version.tags["weights"] == better_weights(result.metrics) == run.data.tags["vitflow.weights"]
 
     # The registered model loads back, both ways, and gives identical logits.

@@ -98,6 +98,14 @@ def test_spec_errors_name_file_key_and_reason(tmp_path, cifar_source, flowers_so
     data["finetune"]["pretrained"] = "vit-pretrained-3"
     with pytest.raises(SpecError, match="is not a model URI"):
         parse_spec(data, tmp_path / "x.yaml")
+    data = mini_spec(cifar_source, flowers_source)
+    data["pretrain"]["train"]["distill"] = {"teacher": "models:/vit-b16@champion", "kind": "soft", "tau": 2}
+    with pytest.raises(SpecError, match=r"pretrain\.train\.distill\.tau: unknown key"):
+        parse_spec(data, tmp_path / "x.yaml")
+    data = mini_spec(cifar_source, flowers_source)
+    data["finetune"]["train"]["distill"] = {"teacher": "vit-finetuned-champion"}
+    with pytest.raises(SpecError, match=r"finetune\.train\.distill\.teacher: 'vit-finetuned-champion' is not a model URI"):
+        parse_spec(data, tmp_path / "x.yaml")
 
 
 def test_quickstart_and_gpu_recipe_validate():

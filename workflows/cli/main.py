@@ -24,6 +24,10 @@ app = typer.Typer(
 model_app = typer.Typer(help="Inspect the ViT model family.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
 
+recipe_app = typer.Typer(help="The named training recipes a pre-training section selects with `recipe: NAME`.",
+                         no_args_is_help=True)
+app.add_typer(recipe_app, name="recipe")
+
 # --- shard commands (pipeline) ---
 from workflows.cli.shard import shard_app  # noqa: E402  (light: typer and click only)
 
@@ -54,6 +58,35 @@ def model_describe(
         f"depth {config.depth}, num_heads {config.num_heads}, mlp_dim {config.mlp_dim}, "
         f"{config.num_patches} patches + [class], {params / 1e6:.1f} M parameters, {gflops(config):.2f} GFLOPs/image"
     )
+
+
+@recipe_app.command("list")
+def recipe_list() -> None:
+    """Each recipe: what it sets, and the result its source reports (model, dataset, budget, top-1)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from workflows.recipes import load_recipe, recipe_names
+
+    table = Table("recipe", "what it sets", "source's result", title="Training recipes (`vitflow recipe show NAME`)")
+    for name in recipe_names():
+        recipe = load_recipe(name)
+        expected = recipe.expected
+        top1 = f"{expected['top1']}% top-1" if expected["top1"] is not None else "no figure checked"
+        table.add_row(name, recipe.summary, f"{top1}, {expected['model']} on {expected['dataset']}, {expected['budget']}")
+    Console(width=160).print(table)
+
+
+@recipe_app.command("show")
+def recipe_show(name: str = typer.Argument(..., help="a recipe name from `vitflow recipe list`")) -> None:
+    """Print a recipe file: its sources, the result they report and every key it sets, with why."""
+    from workflows.recipes import RecipeError, load_recipe
+
+    try:
+        recipe = load_recipe(name)
+    except RecipeError as error:
+        fail(f"recipe {error}")
+    typer.echo(recipe.text(), nl=False)
 
 
 def _load_stage_config(path: Path, loader):

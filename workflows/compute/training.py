@@ -17,8 +17,8 @@ import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,17 @@ class PretrainedStart:
 
 
 @dataclass(frozen=True)
+class TeacherWeights:
+    """Distillation's frozen teacher, loaded once on the driver and shipped to every worker (a Ray object
+    reference when it travels through the object store to a remote trial): workers need no access to
+    where it came from."""
+
+    state_dict: Any  # dict[str, Tensor] or ray.ObjectRef to one
+    config: ViTConfig
+    uri: str  # the pinned reference (models:/name/VERSION, runs:/..., a folder), for the record
+
+
+@dataclass(frozen=True)
 class WorkerSpec:
     """Everything a training worker needs. Pre-training and each fine-tuning trial build one."""
 
@@ -57,6 +68,7 @@ class WorkerSpec:
     val_split: str = "val"
     run_storage: str | None = None  # where this run's checkpoints persist (resume looks there)
     pretrained: PretrainedStart | None = None  # fine-tuning: start from these weights (paper Section 3.2)
+    teacher: TeacherWeights | None = None  # train.distill's teacher (pin_teacher)
     offline_dir: str | None = None  # where metrics MLflow could not take are spilled at the end
     report_validation_only: bool = False  # a Tune trial: Tune compares trials on validation metrics only
     close_run_at_end: bool = False  # a Tune trial: FINISHED before the last report (ASHA may stop it there)
@@ -66,6 +78,8 @@ class WorkerSpec:
     def __post_init__(self) -> None:
         if self.fail_at_step is not None and self.fault_marker is None:
             raise ValueError("fail_at_step needs a fault_marker (the drill fires once)")
+        if (self.train.distill is None) != (self.teacher is None):
+            raise ValueError("train.distill and the teacher's weights come together (pin_teacher gives both)")
 
 
 def system_tags() -> dict[str, str]:
@@ -248,10 +262,11 @@ def _train(spec: WorkerSpec, session: WorkerSession) -> None:
         session.report({**metrics, "step": step}, checkpoint_dir)
 
     metadata = {"class_names": list(spec.class_names), "data": spec.data.to_dict()}
+    teacher = load_teacher(spec.teacher) if spec.teacher is not None else None
     try:
         fit(model, train, val, train_config, report=report, checkpoint_dir=local_checkpoints,
             resume_from=resume_dir, device=session.device, rank=rank,
-            prepare_model=session.prepare_model, metadata=metadata, peak_flops=peak)
+            prepare_model=session.prepare_model, metadata=metadata, peak_flops=peak, teacher=teacher)
     finally:
         away = buffer is not None and not buffer.healthy  # rank 0 knows whether the server is there
         if monitor is not None:
@@ -380,6 +395,45 @@ def _quiet_ray_train_reports() -> None:
     except ImportError:  # another Ray layout: nothing to quiet
         return
     logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+
+
+def pin_teacher(tracking_uri: str, train: TrainConfig, class_names: Sequence[str], *,
+                key: str) -> tuple[TrainConfig, TeacherWeights | None]:
+    """The training config with its distillation teacher checked and pinned, and the teacher's weights, on
+    the driver before any worker starts: the teacher must be a vitflow ViT predicting exactly these classes,
+    and an alias (``models:/name@champion``) is replaced by the version it points at now, so that every
+    rank, every restarted worker group and every trial distils from the same weights. ``key`` names the
+    setting in errors (``train.distill.teacher``)."""
+    from vit.data import check_class_map
+
+    if train.distill is None:
+        return train, None
+    teacher_uri = train.distill.teacher
+    try:
+        teacher = tracking.load_plain_model(tracking_uri, teacher_uri)
+        check_class_map(teacher.class_names, list(class_names), f"the teacher {teacher_uri}", "the data")
+    except ValueError as error:
+        raise ValueError(f"{key}: {error}") from None
+    version = tracking.resolve_version(tracking_uri, teacher_uri)
+    if version is not None and "@" in teacher_uri:
+        teacher_uri = f"models:/{teacher_uri.removeprefix('models:/').split('@', 1)[0]}/{version}"
+    pinned = replace(train, distill=replace(train.distill, teacher=teacher_uri))
+    return pinned, TeacherWeights(state_dict=teacher.state_dict, config=teacher.config, uri=teacher_uri)
+
+
+def load_teacher(weights: TeacherWeights):
+    """A worker's frozen teacher (``vit.distill.Teacher``), answering at its own resolution."""
+    import ray
+
+    from vit import VisionTransformer
+    from vit.distill import Teacher
+
+    state_dict = weights.state_dict
+    if isinstance(state_dict, ray.ObjectRef):  # large weights travel through the object store
+        state_dict = ray.get(state_dict)
+    model = VisionTransformer(weights.config)
+    model.load_state_dict(state_dict)
+    return Teacher(model, image_size=weights.config.image_size)
 
 
 def initial_model(spec: WorkerSpec):

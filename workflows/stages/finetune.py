@@ -21,7 +21,7 @@ import math
 import statistics
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +35,11 @@ from workflows import tracking
 from workflows.compute.local_ray import TRIAL_DRIVER_RESOURCE, embedded_ray
 from workflows.compute.training import (
     PretrainedStart,
+    TeacherWeights,
     WorkerSpec,
     newest_persisted_checkpoint,
     persisted_checkpoints,
+    pin_teacher,
     ray_storage,
     storage_uri,
     torch_trainer,
@@ -128,6 +130,14 @@ def run_finetune(config: FinetuneSearchConfig, *, parent_run_id: str | None = No
 
     tags = {tag.RUN_NAME: config.name, tag.STAGE: "finetune"}
     search_run_id = tracking.find_run(tracking_uri, config.tracking.experiment, tags)
+    if config.train.distill is not None:
+        # Every trial distils from the same teacher: pinned once (a rerun: the one the search started with).
+        started_with = tracking.run_params(tracking_uri, search_run_id).get("train.distill.teacher") if search_run_id else None
+        train = replace(config.train, distill=replace(config.train.distill, teacher=started_with)) if started_with else config.train
+        train, teacher = pin_teacher(tracking_uri, train, index.class_names, key="train.distill.teacher")
+        config = config.model_copy(update={"train": train})
+    else:
+        teacher = None
     if search_run_id is None:
         search_run_id = tracking.start_run(
             tracking_uri, config.tracking.experiment, config.name, parent_run_id=parent_run_id,
@@ -145,7 +155,7 @@ def run_finetune(config: FinetuneSearchConfig, *, parent_run_id: str | None = No
     # This search's own Ray unless one is running (a workflow's, a cluster's): see workflows.compute.local_ray.
     with embedded_ray(config.storage_path, resources={TRIAL_DRIVER_RESOURCE: config.search.max_concurrent_trials}):
         try:
-            grid = _search(config, pretrained, index, tracking_uri, search_run_id, callbacks)
+            grid = _search(config, pretrained, teacher, index, tracking_uri, search_run_id, callbacks)
             result = _conclude(config, grid, pretrained, index, tracking_uri, search_run_id)
         except Exception:
             tracking.end_run(tracking_uri, search_run_id, status="FAILED")
@@ -154,8 +164,8 @@ def run_finetune(config: FinetuneSearchConfig, *, parent_run_id: str | None = No
     return result
 
 
-def _search(config: FinetuneSearchConfig, pretrained, index, tracking_uri: str, search_run_id: str,
-            callbacks: Sequence[Any] = ()):
+def _search(config: FinetuneSearchConfig, pretrained, teacher: TeacherWeights | None, index, tracking_uri: str,
+            search_run_id: str, callbacks: Sequence[Any] = ()):
     import ray
     from ray import tune
     from ray.tune import FailureConfig, RunConfig, TuneConfig, Tuner
@@ -186,6 +196,8 @@ def _search(config: FinetuneSearchConfig, pretrained, index, tracking_uri: str, 
         "config": config.model_dump(mode="json"),
         "pretrained": {"state_dict": ray.put(pretrained.state_dict), "config": pretrained.config.to_dict(),
                        "uri": config.pretrained},
+        "teacher": None if teacher is None else {"state_dict": ray.put(teacher.state_dict),
+                                                 "config": teacher.config.to_dict(), "uri": teacher.uri},
         "num_classes": index.num_classes,
         "class_names": list(index.class_names),
         "tracking_uri": tracking_uri,
@@ -292,6 +304,9 @@ def run_trial(params: dict[str, Any], shared: dict[str, Any]) -> None:
         run_id=run_id,
         pretrained=PretrainedStart(state_dict=shared["pretrained"]["state_dict"], config=pretrained,
                                    uri=shared["pretrained"]["uri"], mode=sections["finetune"]["mode"]),  # a choice may set mode
+        teacher=None if shared["teacher"] is None else TeacherWeights(
+            state_dict=shared["teacher"]["state_dict"], config=ViTConfig.from_dict(shared["teacher"]["config"]),
+            uri=shared["teacher"]["uri"]),
         report_validation_only=True,  # every Tune result carries the search's metric (ASHA's)
         close_run_at_end=True,  # FINISHED before the last report, at which ASHA may stop the trial
         run_storage=trial_storage,
@@ -481,6 +496,7 @@ def _conclude(config: FinetuneSearchConfig, grid, pretrained, index, tracking_ur
             "test_split": test_key,
             "test_top1": f"{test['top1']:.6f}",
             "weights": best["weights"],
+            **({"teacher_model": config.train.distill.teacher} if config.train.distill else {}),
         }
         version = tracking.register_model(tracking_uri, logged.model_uri, config.register_as, tags, best_run)
         champion = tracking.promote_if_better(tracking_uri, config.register_as, version, config.champion_alias,

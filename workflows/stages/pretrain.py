@@ -14,7 +14,7 @@ checkpoints (``<storage>/<name>/mlflow-offline``) and ``vitflow upload`` sends t
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from vit import gflops
@@ -23,7 +23,12 @@ from vit.data import check_dataset, read_dataset_index
 from vit.ema import better_weights
 from workflows import tags as tag
 from workflows import tracking
-from workflows.compute.training import WorkerSpec, system_tags, torch_trainer
+from workflows.compute.training import (
+    WorkerSpec,
+    pin_teacher,
+    system_tags,
+    torch_trainer,
+)
 from workflows.configs import (
     PretrainConfig,
     PretrainSettings,
@@ -79,6 +84,7 @@ def run_pretrain(config: PretrainConfig, *, parent_run_id: str | None = None, co
         model_uri, version, metrics = finished
         return PretrainResult(run_id=run_id, model_uri=model_uri, registered_name=config.register_as,
                               version=version, dataset_fingerprint=index.fingerprint, metrics=metrics)
+    train_config, teacher = _pinned_teacher(config, tracking_uri, run_id, index.class_names)
     if run_id is None:
         run_id = tracking.start_run(
             tracking_uri, config.tracking.experiment, config.name, parent_run_id=parent_run_id,
@@ -86,8 +92,8 @@ def run_pretrain(config: PretrainConfig, *, parent_run_id: str | None = None, co
                   **system_tags()},
         )
         tracking.log_params(tracking_uri, run_id, {
-            "model": model_config.to_dict(), "data": config.data.to_dict(), "train": config.train.to_dict(),
-            "resources": config.resources.model_dump(), "dataset": config.dataset,
+            "model": model_config.to_dict(), "data": config.data.to_dict(), "train": train_config.to_dict(),
+            "resources": config.resources.model_dump(), "dataset": config.dataset, "recipe": config.recipe or "none",
             "gflops_per_image": round(gflops(model_config), 4),
         })
         tracking.log_dataset(tracking_uri, run_id, config.dataset, name=Path(config.dataset).name,
@@ -99,7 +105,8 @@ def run_pretrain(config: PretrainConfig, *, parent_run_id: str | None = None, co
     spec = WorkerSpec(
         model=model_config,
         data=config.data,
-        train=config.train,
+        train=train_config,
+        teacher=teacher,
         dataset=absolute_uri(config.dataset),
         train_split=config.train_split,
         val_split=config.val_split,
@@ -129,6 +136,7 @@ def run_pretrain(config: PretrainConfig, *, parent_run_id: str | None = None, co
         "image_size": model_config.image_size[0],
         "dataset_fingerprint": index.fingerprint,
         "steps": config.train.total_steps,
+        **({"teacher_model": train_config.distill.teacher} if train_config.distill else {}),
         **{f"final.{k}": round(v, 5) for k, v in metrics.items() if k.startswith("val/")},
     }
     offline = Path(spec.offline_dir)
@@ -162,6 +170,20 @@ def run_pretrain(config: PretrainConfig, *, parent_run_id: str | None = None, co
                               offline=str(bundle))
     return PretrainResult(run_id=run_id, model_uri=logged.model_uri, registered_name=config.register_as,
                           version=version, dataset_fingerprint=index.fingerprint, metrics=metrics)
+
+
+def _pinned_teacher(config: PretrainConfig, tracking_uri: str, run_id: str | None, class_names):
+    """``config.train`` with its distillation teacher checked and pinned to a version, and the teacher's
+    weights; a rerun of a started run keeps the teacher it started with (its params), wherever the alias
+    points now."""
+    if config.train.distill is None:
+        return config.train, None
+    if run_id is not None:
+        started_with = tracking.run_params(tracking_uri, run_id).get("train.distill.teacher")
+        if started_with:
+            config = config.model_copy(update={"train": replace(
+                config.train, distill=replace(config.train.distill, teacher=started_with))})
+    return pin_teacher(tracking_uri, config.train, class_names, key="train.distill.teacher")
 
 
 def _final_model(checkpoint, weights: str):

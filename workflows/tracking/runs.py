@@ -177,6 +177,11 @@ def flatten_params(params: Mapping, prefix: str = "") -> dict[str, str]:
     return flat
 
 
+def run_params(tracking_uri: str, run_id: str) -> dict[str, str]:
+    """A run's params as logged (flat strings, ``train.optim.lr``)."""
+    return dict(client(tracking_uri).get_run(run_id).data.params)
+
+
 def log_params(tracking_uri: str, run_id: str, params: Mapping) -> None:
     mlflow_client = client(tracking_uri)
     existing = mlflow_client.get_run(run_id).data.params
