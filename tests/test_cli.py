@@ -19,7 +19,8 @@ def vitflow(*args: str, timeout: float = 300, cwd: str | Path | None = None) -> 
 def test_help_lists_the_commands():
     result = vitflow("--help")
     assert result.returncode == 0, result.stderr
-    for command in ("model", "recipe", "shard", "run", "validate", "pretrain", "finetune", "evaluate", "submit", "ui"):
+    for command in ("model", "recipe", "shard", "run", "validate", "pretrain", "finetune", "evaluate", "submit", "ui",
+                    "serve", "export"):
         assert command in result.stdout
 
 

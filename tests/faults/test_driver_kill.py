@@ -16,8 +16,8 @@ from mlflow.tracking import MlflowClient
 
 from tests.faults.conftest import VITFLOW, checkpoint_steps, vitflow, wait_for
 from vit import VisionTransformer, ViTConfig
+from vit.inference import write_model_files
 from workflows.compute.local_ray import processes_under, temp_root
-from workflows.tracking.models import _write_plain_model
 
 pytestmark = pytest.mark.slow
 
@@ -99,7 +99,7 @@ def test_a_killed_search_resumes_with_its_finished_trials(tmp_path, flowers_sour
     pretrained = tmp_path / "pretrained"
     pretrained.mkdir()
     model = VisionTransformer(ViTConfig(image_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=10))
-    _write_plain_model(pretrained, model, [str(i) for i in range(10)], {"mean": NORM["mean"], "std": NORM["std"]})
+    write_model_files(pretrained, model, [str(i) for i in range(10)], {"mean": NORM["mean"], "std": NORM["std"]})
     num_samples = 6  # trials finish in seconds: enough of them that the search is still going at the kill
     spec = tmp_path / "spec.yaml"
     spec.write_text(yaml.safe_dump({

@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 
 from tests.faults.conftest import vitflow, wait_for
 from vit import VisionTransformer, ViTConfig
-from workflows.tracking.models import _write_plain_model
+from vit.inference import write_model_files
 
 pytestmark = pytest.mark.slow
 
@@ -40,7 +40,7 @@ def pretrained_folder(tmp_path: Path) -> Path:
     folder = tmp_path / "pretrained"
     folder.mkdir()
     model = VisionTransformer(ViTConfig(image_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=10))
-    _write_plain_model(folder, model, [str(i) for i in range(10)], NORM)
+    write_model_files(folder, model, [str(i) for i in range(10)], NORM)
     return folder
 
 

@@ -7,6 +7,8 @@ import os
 
 import pytest
 
+PREPROCESSING = {"image_size": 32, "mean": [0.45, 0.40, 0.35], "std": [0.22, 0.21, 0.20], "crop_pct": 0.875}
+
 
 @pytest.fixture(scope="module")
 def local_ray(tmp_path_factory):
@@ -24,3 +26,34 @@ def local_ray(tmp_path_factory):
              logging_level="WARNING")
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def registered(tmp_path_factory, datasets_dir):
+    """`vit-flowers` version 1 (alias champion) in a real store: a small ViT over 17 Flowers classes whose
+    head is scaled so its classes stand apart (answers compare across processes, not only to the last bit)."""
+    import torch
+    from mlflow.tracking import MlflowClient
+
+    from vit import VisionTransformer, ViTConfig
+    from vit.inference import ImageClassifier
+    from workflows import tracking
+
+    root = tmp_path_factory.mktemp("serving")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    classes = sorted(p.name for p in (datasets_dir / "flowers17" / "train").iterdir())
+    torch.manual_seed(0)
+    model = VisionTransformer(ViTConfig(image_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2,
+                                        num_classes=len(classes))).eval()
+    with torch.no_grad():
+        model.head.weight.normal_(0, 2.0)
+    tracking.ensure_experiment("serving", uri, artifact_location=(root / "artifacts").as_uri())
+    run_id = tracking.start_run(uri, "serving", "train")
+    logged = tracking.log_vit_model(uri, run_id, model, classes, preprocessing=PREPROCESSING)
+    version = tracking.register_model(uri, logged.model_uri, "vit-flowers", {}, run_id)
+    tracking.end_run(uri, run_id)
+    MlflowClient(uri, registry_uri=uri).set_registered_model_alias("vit-flowers", "champion", version)
+    photos = [file.read_bytes() for file in sorted((datasets_dir / "flowers17" / "test").glob("*/*.jpg"))[::17][:6]]
+    expected = ImageClassifier(model, classes, PREPROCESSING, precision="auto", top_k=len(classes)).classify(photos)
+    return {"uri": uri, "root": root, "version": version, "photos": photos, "expected": expected, "classes": classes,
+            "model": model}

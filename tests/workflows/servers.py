@@ -238,12 +238,14 @@ class LocalCluster:
 
 @dataclass
 class MlflowServer:
-    """An MLflow tracking server (and UI) run by ``command`` in its own process group, on ``port``."""
+    """An MLflow server (tracking and UI, or a model's scoring server) run by ``command`` in its own process
+    group, on ``port``."""
 
     command: list[str]
     port: int
     log_path: Path
     env: dict[str, str] | None = None
+    health: str = "/health"  # the path that answers 200 once it serves (`mlflow models serve`: /ping)
     process: subprocess.Popen | None = None
 
     @property
@@ -260,7 +262,7 @@ class MlflowServer:
                 if self.process.poll() is not None:
                     raise RuntimeError(f"the MLflow server exited ({self.process.returncode}); see {self.log_path}")
                 try:
-                    if requests.get(f"{self.url}/health", timeout=5).ok:
+                    if requests.get(f"{self.url}{self.health}", timeout=5).ok:
                         return self
                 except requests.RequestException:
                     pass

@@ -11,6 +11,7 @@ import mlflow
 import pyarrow.parquet as pq
 import pytest
 import torch
+import torchvision
 from mlflow.tracking import MlflowClient
 
 from vit import VisionTransformer, decode_variant
@@ -40,11 +41,12 @@ def trained(tmp_path_factory, flowers_shards):
     tracking.end_run(uri, run_id)
     # MLflow's fluent API exports MLFLOW_TRACKING_URI; vitflow must not leave it behind for later work
     assert dict(os.environ) == environment
-    # What loading the exported model needs, stated rather than inferred by MLflow (no guessed extras)
+    # What loading the model needs, stated rather than inferred by MLflow (no guessed extras)
     with _using(uri):
         requirements = Path(mlflow.pyfunc.get_model_dependencies(f"models:/vit-finetuned/{version}")).read_text().split()
-    assert sorted(r.split("==")[0] for r in requirements) == ["cloudpickle", "mlflow", "torch"], requirements
+    assert sorted(r.split("==")[0] for r in requirements) == ["mlflow", "pillow", "torch", "torchvision"], requirements
     assert f"torch=={torch.__version__.split('+')[0]}" in requirements
+    assert f"torchvision=={torchvision.__version__.split('+')[0]}" in requirements
     return uri, run_id, version, model.eval(), data
 
 

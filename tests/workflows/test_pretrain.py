@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import base64
+import tarfile
+
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -12,6 +16,7 @@ from pydantic import ValidationError
 from vit import VisionTransformer, probe, resolve_precision
 from vit.checkpoint import model_from_checkpoint
 from vit.ema import better_weights
+from vit.inference import ImageClassifier
 from workflows import tracking
 from workflows.stages.pretrain import PretrainConfig, run_pretrain
 from workflows.tracking.runs import _using
@@ -33,6 +38,13 @@ def config(tmp_path, shards, name: str, **changes) -> PretrainConfig:
     )
     fields.update(changes)
     return PretrainConfig.model_validate(fields)
+
+
+def cifar_image(shards, i: int) -> bytes:
+    """The i-th image of the shards' test split, encoded as stored (the pipeline's JPEG)."""
+    shard = sorted((shards / "test").glob("test-*.tar"))[0]
+    with tarfile.open(shard) as tar:
+        return tar.extractfile([m for m in tar.getmembers() if m.name.endswith(".jpg")][i]).read()
 
 
 def loss_history(uri: str, run_id: str) -> list[tuple[int, float]]:
@@ -91,13 +103,17 @@ def test_two_workers_learn_survive_a_failure_register_and_reload(tmp_path, cifar
     chosen = model_from_checkpoint(final, weights=version.tags["weights"])
     for key, value in chosen.state_dict().items():
         torch.testing.assert_close(plain.state_dict[key], value, rtol=0, atol=0, msg=key)
-    images = torch.randn(3, 3, 32, 32)
+    # ... and its pyfunc (what `mlflow models serve` runs) classifies real CIFAR-10 images as the plain model
+    # does with the run's own preprocessing (its mean and std, not ImageNet's)
+    assert plain.preprocessing["mean"] == list(DATA["mean"]) and plain.preprocessing["image_size"] == 32
+    photos = [cifar_image(cifar_shards, i) for i in range(4)]
     with _using(uri):
-        served = mlflow.pytorch.load_model(f"models:/vit-pretrained/{result.version}")
-        predicted = mlflow.pyfunc.load_model(f"models:/vit-pretrained/{result.version}").predict(images.numpy())
-    with torch.no_grad():
-        torch.testing.assert_close(served(images), model(images), rtol=0, atol=0)
-    np.testing.assert_allclose(predicted, model(images).detach().numpy(), rtol=0, atol=0)
+        served = mlflow.pyfunc.load_model(f"models:/vit-pretrained/{result.version}").predict(
+            pd.DataFrame({"image": [base64.b64encode(photo).decode() for photo in photos]}))
+    expected = ImageClassifier(model, plain.class_names, plain.preprocessing, precision="auto").classify(photos)
+    assert list(served["label"]) == [p.label for p in expected]
+    np.testing.assert_allclose(served["score"], [p.score for p in expected], rtol=0, atol=0)
+    assert [tuple(labels) for labels in served["top_labels"]] == [p.top_labels for p in expected]
 
     # Running the finished configuration again reuses it: no second version.
     again = run_pretrain(settings)

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from vit.data.index import open_binary
 
@@ -73,14 +73,24 @@ def decode_sample(sample: RawSample, num_classes: int) -> tuple[torch.Tensor, in
         raise ValueError(f".cls is not an ASCII integer: {sample.members[LABEL_EXTENSION][:20]!r}") from None
     if not 0 <= label < num_classes:
         raise ValueError(f"label {label} is outside [0, {num_classes})")
+    return decode_image(sample.members[images[0]], what=f".{images[0]}"), label
+
+
+def decode_image(data: bytes, what: str = "image") -> torch.Tensor:
+    """Encoded image bytes (JPEG, PNG, WebP, ... whatever PIL reads) -> (3, H, W) uint8 RGB; ``ValueError``
+    naming ``what`` and the decoder's reason when they are not an image."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise ValueError(f"{what} is not encoded image bytes but {type(data).__name__}")
     # PIL rather than torchvision.io (deprecated in 0.29); PIL also refuses decompression bombs.
     try:
-        with Image.open(io.BytesIO(sample.members[images[0]])) as opened:
+        with Image.open(io.BytesIO(data)) as opened:
             image = opened.convert("RGB")
+    except UnidentifiedImageError:  # its message would only repeat the BytesIO's repr
+        raise ValueError(f"undecodable {what} (no image format PIL reads; starts with {bytes(data[:8])!r})") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-        raise ValueError(f"undecodable .{images[0]} ({type(error).__name__}: {error})") from None
+        raise ValueError(f"undecodable {what} ({type(error).__name__}: {error})") from None
     from torchvision.transforms.v2.functional import (
         pil_to_tensor,  # torchvision: loaded where images are
     )
 
-    return pil_to_tensor(image), label
+    return pil_to_tensor(image)

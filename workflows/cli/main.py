@@ -464,6 +464,97 @@ def ui(
     os.execve(command[0], command, mlflow_ui.server_env())  # the server replaces this process: signals reach it
 
 
+@app.command()
+def serve(
+    model: str = typer.Argument(..., help="models:/vit-flowers@champion, models:/NAME/VERSION, runs:/ID/model or a folder"),
+    tracking_uri: str | None = typer.Option(None, help="MLflow tracking URI (default: ./mlflow.db)"),
+    replicas: int = typer.Option(1, min=1, help="copies of the model serving requests"),
+    max_batch_size: int = typer.Option(16, min=1, help="images classified in one forward pass"),
+    batch_wait_ms: float = typer.Option(10.0, min=0, help="how long a request waits for others to join its batch"),
+    num_cpus: float = typer.Option(1.0, min=0, help="CPUs per replica"),
+    num_gpus: float = typer.Option(0.0, min=0, help="GPUs per replica (classifies on the GPU when > 0)"),
+    precision: str = typer.Option("auto", help="auto (bf16 where the hardware has it), fp32, bf16, fp16 (CUDA)"),
+    top_k: int = typer.Option(5, min=1, help="classes in a response unless the request asks (?top_k=N)"),
+    host: str = typer.Option("127.0.0.1", help="bind address (0.0.0.0 to answer other machines)"),
+    port: int = typer.Option(8000, min=1, max=65535),
+    route: str = typer.Option("/", help="the URL path it answers on"),
+    address: str | None = typer.Option(None, help="a Ray cluster to serve on (default: RAY_ADDRESS, else a local Ray)"),
+    workdir: Path = typer.Option(Path("."), help="where a local Ray keeps its state"),
+) -> None:
+    """Serve a model on Ray Serve: POST an image file's bytes, get its class as JSON. Runs until Ctrl-C."""
+    import signal
+    import threading
+
+    from workflows.compute import serving
+    from workflows.compute.local_ray import embedded_ray
+    from workflows.tracking import (
+        default_tracking_uri,
+        logged_model_config,
+        pinned_model_uri,
+    )
+
+    uri = tracking_uri or default_tracking_uri()
+    try:
+        options = serving.ServeOptions(replicas=replicas, max_batch_size=max_batch_size,
+                                       batch_wait_timeout_s=batch_wait_ms / 1000, num_cpus=num_cpus, num_gpus=num_gpus,
+                                       precision=precision, top_k=top_k, host=host, port=port, route_prefix=route)
+        if Path(model).exists():
+            model = str(Path(model).resolve())  # a replica's working directory is not this one
+        pinned = pinned_model_uri(uri, model)
+        logged_model_config(uri, pinned)  # a wrong URI ends here, before Ray starts
+    except ValueError as error:
+        fail(str(error))
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    with embedded_ray(workdir, address=address):
+        try:
+            url = serving.deploy(uri, pinned, options)
+            typer.echo(f"serving {pinned} at {url} ({replicas} replica(s), batches of up to {max_batch_size}); "
+                       "POST an image file's bytes; Ctrl-C stops", err=True)
+            stop.wait()
+        finally:
+            serving.shutdown()
+    typer.echo("stopped", err=True)
+
+
+@app.command()
+def export(
+    model: str = typer.Argument(..., help="models:/vit-flowers@champion, models:/NAME/VERSION, runs:/ID/model or a folder"),
+    out: str = typer.Argument(..., help="the file to write: a local path or an object-store URI (s3://bucket/vit.onnx)"),
+    fmt: str = typer.Option(..., "--format", help="onnx (needs the extra: pip install 'vitflow[onnx]')"),
+    tracking_uri: str | None = typer.Option(None, help="MLflow tracking URI (default: ./mlflow.db)"),
+    opset: int = typer.Option(18, min=17, help="the ONNX opset"),
+) -> None:
+    """Export a model for other runtimes, checked against PyTorch (logits to 1e-4 at batch 1 and 3).
+
+    The ONNX file takes preprocessed (N, 3, S, S) images and returns (N, K) logits; its metadata holds the
+    class names, the preprocessing and the ViT's configuration."""
+    from pipeline.storage import Location, StorageError
+    from vit import VisionTransformer
+    from vit.export import check_onnx, export_onnx
+    from workflows.tracking import default_tracking_uri, load_plain_model
+
+    if fmt != "onnx":
+        fail(f"--format must be onnx, got {fmt!r}")
+    uri = tracking_uri or default_tracking_uri()
+    try:
+        target = Location(out)
+        if target.is_dir():
+            fail(f"{out}: is a folder; give the file to write (e.g. {out.rstrip('/')}/model.onnx)")
+        plain = load_plain_model(uri, model)
+        vit_model = VisionTransformer(plain.config)
+        vit_model.load_state_dict(plain.state_dict)
+        with target.writing() as scratch:  # published whole, and only once the check has passed
+            written = export_onnx(vit_model, plain.class_names, plain.preprocessing, scratch, opset=opset)
+            worst = check_onnx(vit_model, written)
+            size = written.stat().st_size
+    except (ValueError, ImportError, StorageError) as error:
+        fail(str(error))
+    typer.echo(f"wrote {out} ({size / 1e6:.1f} MB, ONNX opset {opset}): logits match PyTorch's to {worst:.1e} "
+               f"(onnxruntime, batches of 1 and 3)")
+
+
 def main() -> None:
     app()
 

@@ -42,13 +42,14 @@ def run_evaluate(config: EvaluateConfig, *, parent_run_id: str | None = None) ->
 
     from vit.checkpoint import model_from_checkpoint
     from vit.evaluation import classification_metrics, confusion_matrix_figure, predict
+    from vit.inference import data_config
     uri = config.tracking.uri or tracking.default_tracking_uri()
     plain = tracking.load_plain_model(uri, config.model)
     index = read_dataset_index(config.dataset)
     index.split(config.split)
     check_class_map(plain.class_names, index.class_names, f"model {config.model}", f"dataset {config.dataset}")
     model = model_from_checkpoint(plain.state_dict, plain.config)
-    data = tracking.model_data_config(plain.preprocessing, plain.config.image_size[0], config.batch_size)
+    data = data_config(plain.preprocessing, plain.config.image_size[0], config.batch_size)
     logits, labels = predict(model, eval_loader(config.dataset, data, rank=0, world_size=1, split=config.split))
     metrics = classification_metrics(logits, labels, list(index.class_names))
 

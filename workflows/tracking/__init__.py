@@ -25,6 +25,7 @@ from workflows.tracking.metrics import (
 from workflows.tracking.registry import (
     finished_model,
     model_exists,
+    pinned_model_uri,
     promote_if_better,
     register_model,
     resolve_version,
@@ -68,7 +69,7 @@ from workflows.tracking.system import (
 _LAZY = {
     **dict.fromkeys(("CLASSES_FILE", "CONFIG_FILE", "PREPROCESSING_FILE", "WEIGHTS_FILE", "LoggedModel",
                      "PlainModel", "load_plain_model", "log_model_figures", "log_vit_model", "logged_model_config",
-                     "model_data_config", "preprocessing_of"), "models"),
+                     "preprocessing_of"), "models"),
     **dict.fromkeys(("OFFLINE_MANIFEST", "Uploaded", "save_offline", "upload_offline"), "offline"),
 }
 
@@ -104,6 +105,7 @@ __all__ = [
     "log_text",
     "missing_store",
     "model_exists",
+    "pinned_model_uri",
     "promote_if_better",
     "reachable",
     "read_spilled_metrics",

@@ -1,13 +1,18 @@
 """A ViT as an MLflow model: logging it, and reading it back in the plain form fine-tuning takes.
 
-A ViT is logged once as an MLflow model that serves (``mlflow.pyfunc`` / ``mlflow.pytorch``, exported
-with ``torch.export``: no pickle) and carries, as extra files of the same model, the plain weights
-(``weights.pt``, loaded with ``torch.load(weights_only=True)``), the ``ViTConfig`` and the class names:
-the form fine-tuning reads. So one URI (``models:/vit-pretrained/3``, ``runs:/<id>/model``) is enough.
+A ViT is logged once, as an MLflow pyfunc that classifies images (``workflows/tracking/served_model.py``: a
+model from code, base64 images in, class names and probabilities out; ``mlflow models serve`` serves it)
+whose artifact ``model/`` holds the four plain files of ``vit.inference.MODEL_FILES``: the weights (loaded
+with ``torch.load(weights_only=True)``), the ``ViTConfig``, the class names and the preprocessing. Those
+files are what fine-tuning, evaluation and prediction read, so one URI (``models:/vit-pretrained/3``,
+``runs:/<id>/model``) is enough. Models logged before (a torch.export model with the same files under
+``extra_files/``) still read.
 """
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import tempfile
 from collections.abc import Mapping
@@ -17,25 +22,63 @@ from urllib.parse import urlparse
 
 import mlflow
 import numpy as np
+import pandas as pd
 import torch
-from mlflow.models import infer_signature
+import torchvision
+from mlflow.models import ModelSignature
 from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
+from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+from mlflow.types.schema import Array
 
+import vit
 from vit import VisionTransformer, ViTConfig
 from vit.checkpoint import load_weights_only
-from vit.data import IMAGENET_MEAN, IMAGENET_STD, DataConfig, eval_loader
+from vit.data import DataConfig, eval_loader
+from vit.inference import (
+    CLASSES_FILE,
+    CONFIG_FILE,
+    PREPROCESSING_FILE,
+    WEIGHTS_FILE,
+    write_model_files,
+)
 from workflows.tracking.runs import _using, client, log_artifacts, missing_store
 
-WEIGHTS_FILE = "weights.pt"
-CONFIG_FILE = "vit_config.json"
-CLASSES_FILE = "class_names.json"
-PREPROCESSING_FILE = "preprocessing.json"  # what inputs the model expects: resolution, mean, std, crop
+SERVED_MODEL = Path(__file__).with_name("served_model.py")
+MODEL_ARTIFACT = "model"  # the pyfunc's artifact: a folder of the plain files
+# where a logged model keeps the plain files: this version's pyfunc artifact, then earlier versions' extra files
+PLAIN_FOLDERS = (f"artifacts/{MODEL_ARTIFACT}", "extra_files", "")
+SIGNATURE = ModelSignature(
+    inputs=Schema([ColSpec("string", "image")]),
+    outputs=Schema([ColSpec("string", "label"), ColSpec("double", "score"),
+                    ColSpec(Array("string"), "top_labels"), ColSpec(Array("double"), "top_scores")]),
+    params=ParamSchema([ParamSpec("top_k", "long", 5)]),
+)
 
 
 @dataclass(frozen=True)
 class LoggedModel:
     model_uri: str  # models:/m-<id>: MLflow's LoggedModel, linked to the run
     run_id: str
+
+
+def pip_requirements() -> list[str]:
+    """What loading a logged ViT needs (MLflow adds itself): this torch and torchvision (a CUDA or CPU
+    build's local tag dropped: pip resolves the build for the machine), Pillow to decode images."""
+    from PIL import __version__ as pillow
+
+    return [f"torch=={torch.__version__.split('+')[0]}", f"torchvision=={torchvision.__version__.split('+')[0]}",
+            f"pillow=={pillow}"]
+
+
+def example_image(size: int) -> str:
+    """A base64 PNG of a ``size`` x ``size`` colour gradient: the logged input example."""
+    from PIL import Image
+
+    ramp = np.linspace(0, 255, size, dtype=np.uint8)
+    pixels = np.stack(np.broadcast_arrays(ramp[None, :], ramp[:, None], ramp[::-1][None, :]), axis=-1)
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(pixels)).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def log_vit_model(
@@ -47,41 +90,27 @@ def log_vit_model(
     preprocessing: Mapping[str, object] | None = None,
     name: str = "model",
 ) -> LoggedModel:
-    """Log ``model`` to ``run_id``: an exported MLflow pytorch model with a signature and a batch-2
-    input example (so the batch dimension stays dynamic), plus the plain weights, config and class
-    names fine-tuning needs."""
+    """Log ``model`` to ``run_id`` as the image-classifying pyfunc (see the module docstring), with its
+    signature, a one-image input example (MLflow checks the model answers it before logging) and
+    stated requirements (:func:`pip_requirements`)."""
     model = model.eval().cpu()
-    height, width = model.config.image_size
-    example = np.random.default_rng(0).standard_normal((2, model.config.in_chans, height, width)).astype(np.float32)
-    with torch.no_grad():
-        signature = infer_signature(example, model(torch.from_numpy(example)).numpy())
     with tempfile.TemporaryDirectory() as tmp:
-        extra = _write_plain_model(Path(tmp), model, class_names, preprocessing or {})
+        folder = Path(tmp) / MODEL_ARTIFACT
+        write_model_files(folder, model, class_names, preprocessing or {})
         with _using(tracking_uri), mlflow.start_run(run_id=run_id):
-            info = mlflow.pytorch.log_model(
-                model,
+            info = mlflow.pyfunc.log_model(
                 name=name,
-                signature=signature,
-                input_example=example,
-                extra_files=[str(path) for path in extra],
-                serialization_format="pt2",  # torch.export: loading it runs no pickle
+                python_model=str(SERVED_MODEL),
+                artifacts={MODEL_ARTIFACT: str(folder)},
+                code_paths=[str(Path(vit.__file__).parent)],  # the model loads without vitflow installed
+                signature=SIGNATURE,
+                input_example=pd.DataFrame({"image": [example_image(model.config.image_size[0])]}),
+                model_config={"precision": "auto", "top_k": 5, "batch_size": 64},
                 # Stated, not inferred: MLflow infers requirements by loading the model in a fresh Python
-                # process and scanning every installed distribution (18 s of a 28 s log on a 2-core Xeon;
-                # it also picked up nvidia-ml-py and tqdm). Loading an exported ViT needs what MLflow's
-                # pytorch flavour lists by default (torch, cloudpickle); MLflow adds itself.
-                pip_requirements=mlflow.pytorch.get_default_pip_requirements(),
+                # process and scanning every installed distribution (18 s of a 28 s log on a 2-core Xeon).
+                pip_requirements=pip_requirements(),
             )
     return LoggedModel(model_uri=info.model_uri, run_id=run_id)
-
-
-def _write_plain_model(folder: Path, model: VisionTransformer, class_names: list[str],
-                       preprocessing: Mapping[str, object]) -> list[Path]:
-    weights, config, classes = folder / WEIGHTS_FILE, folder / CONFIG_FILE, folder / CLASSES_FILE
-    (folder / PREPROCESSING_FILE).write_text(json.dumps(dict(preprocessing), indent=2))
-    torch.save({key: value.detach().cpu() for key, value in model.state_dict().items()}, weights)
-    config.write_text(json.dumps(model.config.to_dict(), indent=2))
-    classes.write_text(json.dumps(list(class_names)))
-    return [weights, config, classes, folder / PREPROCESSING_FILE]
 
 
 def _logged_model_uri(tracking_uri: str, model_uri: str) -> str:
@@ -104,9 +133,11 @@ def logged_model_config(tracking_uri: str, model_uri: str) -> ViTConfig:
     downloading its weights: for checks before any work starts. Takes the URIs :func:`load_plain_model` takes."""
     local = Path(model_uri)
     if local.exists():
-        found = next((path for path in (local / "extra_files" / CONFIG_FILE, local / CONFIG_FILE) if path.is_file()), None)
+        found = next((path for path in (local / sub / CONFIG_FILE for sub in PLAIN_FOLDERS) if path.is_file()), None)
         text = found.read_text() if found else None
     else:
+        if not urlparse(model_uri).scheme:
+            raise ValueError(f"model {model_uri!r}: no such folder (give a model folder, or a models:/ or runs:/ URI)")
         store = missing_store(tracking_uri)
         if store is not None:
             raise ValueError(f"model {model_uri!r} cannot be resolved: there is no tracking store at {store}")
@@ -120,10 +151,10 @@ def logged_model_config(tracking_uri: str, model_uri: str) -> ViTConfig:
 
 
 def _logged_file(tracking_uri: str, model_uri: str, name: str) -> str | None:
-    """One of the plain files a logged model holds (under extra_files/, as log_vit_model writes them, or at
+    """One of the plain files a logged model holds (in the first of ``PLAIN_FOLDERS`` that has it,
     its top), or None."""
     with tempfile.TemporaryDirectory(prefix="vitflow-file-") as scratch, _using(tracking_uri):
-        for path in (f"extra_files/{name}", name):
+        for path in (f"{sub}/{name}".lstrip("/") for sub in PLAIN_FOLDERS):
             try:
                 if model_uri.startswith("models:/"):  # a file inside models:/m-... has no URI of its own
                     local = ModelsArtifactRepository(model_uri).download_artifacts(path, scratch)
@@ -162,7 +193,7 @@ def load_plain_model(tracking_uri: str, model_uri: str) -> PlainModel:
                 local = Path(mlflow.artifacts.download_artifacts(artifact_uri=_logged_model_uri(tracking_uri, model_uri)))
         except mlflow.exceptions.MlflowException as error:
             raise ValueError(f"model {model_uri!r} cannot be resolved: {error.message}") from None
-    folder = local / "extra_files" if (local / "extra_files").is_dir() else local
+    folder = next((local / sub for sub in PLAIN_FOLDERS if (local / sub / CONFIG_FILE).is_file()), local)
     missing = [f for f in (WEIGHTS_FILE, CONFIG_FILE, CLASSES_FILE) if not (folder / f).is_file()]
     if missing:
         raise ValueError(f"model {model_uri!r} is not a vitflow ViT: {', '.join(missing)} missing in {folder}")
@@ -180,15 +211,6 @@ def load_plain_model(tracking_uri: str, model_uri: str) -> PlainModel:
 
 
 # --- what a logged model carries besides its weights: its preprocessing and the paper's figures ---
-
-
-def model_data_config(preprocessing: dict, image_size: int, batch_size: int) -> DataConfig:
-    """Evaluation inputs as the model was trained: its resolution, normalisation and centre crop."""
-    return DataConfig(
-        batch_size=batch_size, num_workers=0, image_size=image_size,
-        mean=tuple(preprocessing.get("mean", IMAGENET_MEAN)), std=tuple(preprocessing.get("std", IMAGENET_STD)),
-        crop_pct=preprocessing.get("crop_pct", 0.875),
-    )
 
 
 def preprocessing_of(data: DataConfig) -> dict:

@@ -11,16 +11,13 @@ from pathlib import Path
 
 from vit import VisionTransformer
 from vit.checkpoint import model_from_checkpoint
+from vit.inference import write_model_files
 from workflows.tracking.metrics import (
     OFFLINE_METRICS,
     read_spilled_metrics,
     send_metrics,
 )
-from workflows.tracking.models import (
-    _write_plain_model,
-    load_plain_model,
-    log_vit_model,
-)
+from workflows.tracking.models import load_plain_model, log_vit_model
 from workflows.tracking.registry import register_model
 from workflows.tracking.runs import TrackingUnavailable, end_run, wait_reachable
 
@@ -33,8 +30,7 @@ def save_offline(folder: str | Path, *, tracking_uri: str, run_id: str, model: V
     """Keep what a stage would have logged (the plain model, the registry tags, the run to finish) in
     ``folder`` for :func:`upload_offline`; metrics spilled by training are already beside it."""
     folder = Path(folder)
-    (folder / "model").mkdir(parents=True, exist_ok=True)
-    _write_plain_model(folder / "model", model.eval().cpu(), class_names, preprocessing)
+    write_model_files(folder / "model", model.eval().cpu(), class_names, preprocessing)
     manifest = {"tracking_uri": tracking_uri, "run_id": run_id, "register_as": register_as, "stage": stage,
                 "tags": {key: str(value) for key, value in tags.items()}, "saved_at": time.time()}
     (folder / OFFLINE_MANIFEST).write_text(json.dumps(manifest, indent=2))

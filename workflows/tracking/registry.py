@@ -52,6 +52,19 @@ def resolve_version(tracking_uri: str, model_uri: str) -> str | None:
     return name_and_ref[1] if len(name_and_ref) > 1 else None
 
 
+def pinned_model_uri(tracking_uri: str, model_uri: str) -> str:
+    """``models:/name@alias`` -> ``models:/name/<its version now>``, so that everything that loads the model
+    later loads the same one even if the alias moves; other URIs as given. ``ValueError`` naming the URI
+    when the registry has no such model or alias."""
+    if not (model_uri.startswith("models:/") and "@" in model_uri):
+        return model_uri
+    name = model_uri.removeprefix("models:/").split("@", 1)[0]
+    try:
+        return f"models:/{name}/{resolve_version(tracking_uri, model_uri)}"
+    except mlflow.exceptions.MlflowException as error:
+        raise ValueError(f"model {model_uri!r} cannot be resolved: {error.message}") from None
+
+
 def source_run(tracking_uri: str, model_uri: str) -> str | None:
     """The run that logged a model: for registered versions, aliases, runs:/ and models:/m-... URIs."""
     mlflow_client = client(tracking_uri, registry=True)
