@@ -57,6 +57,32 @@ def write_model_files(folder: str | Path, model: VisionTransformer, class_names:
     return [folder / name for name in MODEL_FILES]
 
 
+def batch_size_for(config: ViTConfig, memory_bytes: float, *, bytes_per_value: int = 4, limit: int = 512) -> int:
+    """The largest batch (up to ``limit``) whose forward pass without gradients keeps its activations within
+    ``memory_bytes``. Per image, one block at a time is alive: its tokens (T x D) a few times over (the
+    input, q, k, v, the attention output, the residual: 6) plus the MLP's hidden layer (T x ``mlp_ratio`` D),
+    and the attention scores and their softmax (2 x heads x T x T)."""
+    tokens = config.num_patches + 1
+    per_image = bytes_per_value * (tokens * config.embed_dim * (6 + config.mlp_ratio) + 2 * config.num_heads * tokens**2)
+    return int(max(1, min(limit, memory_bytes // per_image)))
+
+
+class ImagePreparer:
+    """Encoded bytes -> (3, S, S) uint8, decoded, resized and centre-cropped as a model with this
+    preprocessing was evaluated: what batch prediction does where the bytes are read, apart from the model."""
+
+    def __init__(self, preprocessing: Mapping[str, object], image_size: int):
+        from torchvision.transforms import v2
+
+        steps = eval_transform(data_config(preprocessing, image_size)).transforms  # resize, crop, float, normalise
+        self.geometry, self.normalize = v2.Compose(steps[:2]), v2.Compose(steps[2:])
+        self.image_size = image_size
+
+    def __call__(self, data: bytes, what: str = "image") -> torch.Tensor:
+        """``ValueError`` naming ``what`` if the bytes are no image."""
+        return self.geometry(decode_image(data, what=what))
+
+
 @dataclass(frozen=True)
 class Prediction:
     label: str  # the top-1 class name
@@ -93,7 +119,8 @@ class ImageClassifier:
         self.image_size = height
         self.top_k = min(top_k, len(self.class_names))
         self.batch_size = batch_size
-        self.transform = eval_transform(data_config(self.preprocessing, height))
+        self.preparer = ImagePreparer(self.preprocessing, height)
+        self.normalize = self.preparer.normalize
 
     @classmethod
     def from_folder(cls, folder: str | Path, **options) -> ImageClassifier:
@@ -111,16 +138,25 @@ class ImageClassifier:
         preprocessing = json.loads(preprocessing_file.read_text()) if preprocessing_file.is_file() else {}
         return cls(model, class_names, preprocessing, **options)
 
+    def prepare(self, data: bytes, what: str = "image") -> torch.Tensor:
+        """Encoded bytes -> (3, S, S) uint8: decoded, resized and centre-cropped as the model was evaluated
+        (the part of preprocessing worth doing where the bytes are, off the model's device; a quarter of the
+        float image's size). ``ValueError`` naming ``what`` if the bytes are no image."""
+        return self.preparer(data, what)
+
     def preprocess(self, data: bytes, what: str = "image") -> torch.Tensor:
-        """Encoded bytes -> (3, S, S) float, normalised; ``ValueError`` naming ``what`` if they are no image."""
-        return self.transform(decode_image(data, what=what))
+        """Encoded bytes -> (3, S, S) float, normalised: the model's input."""
+        return self.normalize(self.prepare(data, what))
 
     @torch.no_grad()
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) preprocessed images -> (B, K) float32 class probabilities on the CPU."""
+        """(B, 3, S, S) images -> (B, K) float32 class probabilities on the CPU. uint8 images (from
+        :meth:`prepare`) are normalised here; float ones are taken as the model's input (:meth:`preprocess`)."""
         chunks = []
         for start in range(0, len(images), self.batch_size):
             batch = images[start:start + self.batch_size].to(self.device, non_blocking=True)
+            if batch.dtype == torch.uint8:
+                batch = self.normalize(batch)
             with autocast(self.precision, self.device):
                 logits = self.model(batch)
             chunks.append(logits.float().softmax(dim=-1).cpu())
@@ -143,7 +179,7 @@ class ImageClassifier:
         for i, data in enumerate(images):
             what = names[i] if names is not None else f"image {i}"
             try:
-                tensors.append(self.preprocess(data, what=what))
+                tensors.append(self.prepare(data, what=what))
                 good.append(i)
                 results.append(None)  # filled below
             except ValueError as error:

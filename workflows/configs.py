@@ -156,6 +156,29 @@ class EvaluateConfig(BaseModel):
     tracking: Tracking = Tracking()
 
 
+class PredictConfig(BaseModel):
+    """Batch prediction (``workflows.stages.predict``): one Parquet row per image of ``source``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field(..., description="models:/vit-flowers@champion, models:/name/3, runs:/<id>/model or a folder")
+    source: str = Field(..., description="an image folder, a Parquet or manifest table, or shards; a path or URI")
+    out: str = Field(..., description="the Parquet file to write: a path or an object-store URI")
+    batch_size: int | None = Field(None, ge=1, description="images per forward pass; None: sized to memory")
+    actors: int | None = Field(None, ge=1, description="model copies classifying in parallel; None: one per GPU, "
+                                                        "else one per 2 CPUs")
+    top_k: int = Field(5, ge=1)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    tracking: Tracking = Tracking()
+
+    @field_validator("out")
+    @classmethod
+    def _a_parquet_file(cls, value: str) -> str:
+        if not value.rstrip("/").lower().endswith(".parquet"):
+            raise ValueError(f"out must name a .parquet file, got {value!r}")
+        return value
+
+
 def load_yaml_config(path: str | Path, model: type[BaseModel]):
     """A stage configuration file, validated by its pydantic ``model``."""
     import yaml

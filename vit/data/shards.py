@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from vit.data.index import open_binary
 
@@ -77,13 +77,16 @@ def decode_sample(sample: RawSample, num_classes: int) -> tuple[torch.Tensor, in
 
 
 def decode_image(data: bytes, what: str = "image") -> torch.Tensor:
-    """Encoded image bytes (JPEG, PNG, WebP, ... whatever PIL reads) -> (3, H, W) uint8 RGB; ``ValueError``
-    naming ``what`` and the decoder's reason when they are not an image."""
+    """Encoded image bytes (JPEG, PNG, WebP, ... whatever PIL reads) -> (3, H, W) uint8 RGB, upright (EXIF
+    orientation applied, as ``pipeline`` stores images); ``ValueError`` naming ``what`` and the decoder's
+    reason when they are not an image."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise ValueError(f"{what} is not encoded image bytes but {type(data).__name__}")
     # PIL rather than torchvision.io (deprecated in 0.29); PIL also refuses decompression bombs.
     try:
         with Image.open(io.BytesIO(data)) as opened:
+            # upright, as the pipeline stores images (a camera's EXIF orientation applied; shards have none)
+            ImageOps.exif_transpose(opened, in_place=True)
             image = opened.convert("RGB")
     except UnidentifiedImageError:  # its message would only repeat the BytesIO's repr
         raise ValueError(f"undecodable {what} (no image format PIL reads; starts with {bytes(data[:8])!r})") from None

@@ -465,6 +465,50 @@ def ui(
 
 
 @app.command()
+def predict(
+    model: str = typer.Argument(..., help="models:/vit-flowers@champion, models:/NAME/VERSION, runs:/ID/model or a folder"),
+    source: str = typer.Argument(..., help="an image folder, a Parquet or manifest table, or shards (path or URI)"),
+    out: str = typer.Argument(..., help="the Parquet file to write (path or URI): one row per image"),
+    batch_size: int | None = typer.Option(None, min=1, help="images per forward pass (default: sized to memory)"),
+    actors: int | None = typer.Option(None, min=1, help="model copies (default: one per GPU, else one per 2 CPUs)"),
+    top_k: int = typer.Option(5, min=1, help="class names and probabilities kept per image"),
+    precision: str = typer.Option("auto", help="auto (bf16 where the hardware has it), fp32, bf16, fp16 (CUDA)"),
+    tracking_uri: str | None = typer.Option(None, help="MLflow tracking URI (default: ./mlflow.db)"),
+    experiment: str = typer.Option("vitflow", help="MLflow experiment of the prediction run"),
+    address: str | None = typer.Option(None, help="a Ray cluster to run on (default: RAY_ADDRESS, else a local Ray)"),
+    workdir: Path = typer.Option(Path("."), help="where a local Ray keeps its state"),
+) -> None:
+    """Classify every image of SOURCE with a model on Ray Data; bad images get a row with their reason."""
+    from pydantic import ValidationError
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    from pipeline.storage import StorageError
+    from workflows.compute.local_ray import embedded_ray
+    from workflows.configs import PredictConfig
+    from workflows.stages.predict import run_predict
+
+    try:
+        settings = PredictConfig(model=model, source=source, out=out, batch_size=batch_size, actors=actors,
+                                 top_k=top_k, precision=precision,
+                                 tracking={"uri": tracking_uri, "experiment": experiment})
+    except ValidationError as error:
+        fail(str(error))
+    try:
+        with embedded_ray(workdir, address=address), Progress(
+                "[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                console=Console(stderr=True)) as bar:
+            task = bar.add_task("predicting", total=None)
+            result = run_predict(settings, progress=lambda done, total: bar.update(task, completed=done, total=total))
+    except (ValueError, StorageError) as error:
+        fail(str(error))
+    typer.echo(f"wrote {result.out}: {result.images} rows, {result.bad} bad image(s), with {result.model_uri}")
+    typer.echo(f"throughput: {result.images_per_s:.1f} images/s over {result.seconds:.1f} s "
+               f"({result.actors} actor(s), batches of {result.batch_size})")
+    typer.echo(f"MLflow run: {result.run_id}")
+
+
+@app.command()
 def serve(
     model: str = typer.Argument(..., help="models:/vit-flowers@champion, models:/NAME/VERSION, runs:/ID/model or a folder"),
     tracking_uri: str | None = typer.Option(None, help="MLflow tracking URI (default: ./mlflow.db)"),

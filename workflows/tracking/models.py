@@ -94,6 +94,9 @@ def log_vit_model(
     signature, a one-image input example (MLflow checks the model answers it before logging) and
     stated requirements (:func:`pip_requirements`)."""
     model = model.eval().cpu()
+    # Logging reopens the run; a run already closed (a search's champion may be a trial its scheduler
+    # stopped: KILLED) keeps its status and end time.
+    before = client(tracking_uri).get_run(run_id).info
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / MODEL_ARTIFACT
         write_model_files(folder, model, class_names, preprocessing or {})
@@ -105,11 +108,12 @@ def log_vit_model(
                 code_paths=[str(Path(vit.__file__).parent)],  # the model loads without vitflow installed
                 signature=SIGNATURE,
                 input_example=pd.DataFrame({"image": [example_image(model.config.image_size[0])]}),
-                model_config={"precision": "auto", "top_k": 5, "batch_size": 64},
                 # Stated, not inferred: MLflow infers requirements by loading the model in a fresh Python
                 # process and scanning every installed distribution (18 s of a 28 s log on a 2-core Xeon).
                 pip_requirements=pip_requirements(),
             )
+    if before.status != "RUNNING":
+        client(tracking_uri).set_terminated(run_id, before.status, end_time=before.end_time)
     return LoggedModel(model_uri=info.model_uri, run_id=run_id)
 
 

@@ -9,6 +9,9 @@ Input: a DataFrame with a column ``image``, one base64-encoded image (JPEG, PNG,
 own preprocessing (resolution, normalisation, centre crop, as logged with it) is applied inside.
 Output: a DataFrame with, per row, ``label`` (the top-1 class name), ``score`` (its probability),
 ``top_labels`` and ``top_scores`` (the k most probable; ``top_k`` is a parameter, 5 by default).
+Options when loading (``mlflow.pyfunc.load_model(uri, model_config={...})``): ``precision`` (auto: bf16
+where the hardware has it), ``top_k`` (5) and ``batch_size`` (64 images per forward pass). None is logged
+with the model: MLflow would log them as the run's params, beside (and clashing with) its training's.
 A row that is not an image fails the request (HTTP 400 from ``mlflow models serve``) with an error naming
 every such row and why; nothing is returned for the others.
 

@@ -1,0 +1,102 @@
+"""Batch prediction throughput: `vitflow predict` (Ray Data: reading tasks, an actor pool classifying) against
+a plain loop over the same model in one process (decode, prepare, classify in batches, as
+``vit.inference.ImageClassifier.classify`` does), on the same images: Flowers-17's photos (JPEGs of about
+500 x 500) as an image folder.
+
+Both produce the same labels (checked); printed: images/s of each and their ratio (predict / loop), and
+predict's start-up (Ray, the actors) apart from its steady rate. The target on 2 CPU cores: a ratio of at
+least 1.0, Ray Data's overhead paid for by reading and decoding beside the model.
+
+    python -m benchmarks.predict_throughput                      # ViT-S/16 at 224, every Flowers-17 photo
+    python -m benchmarks.predict_throughput --variant Ti/16 --limit 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import torch
+
+from benchmarks.machine import header
+from vit import VisionTransformer, decode_variant
+from vit.inference import ImageClassifier
+
+REPO = Path(__file__).resolve().parents[1]
+FLOWERS = REPO.parent / "shared" / "datasets" / "flowers17"
+PREPROCESSING = {"image_size": 224, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "crop_pct": 0.875}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variant", default="S/16")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--limit", type=int, default=0, help="images (0: all)")
+    parser.add_argument("--precision", default="auto")
+    parser.add_argument("--batch-size", type=int, default=32)
+    args = parser.parse_args()
+    print(header(args.precision))
+
+    files = sorted(FLOWERS.glob("*/*/*.jpg"))
+    files = files[: args.limit] if args.limit else files
+    classes = sorted({file.parent.name for file in files})
+    torch.manual_seed(0)
+    model = VisionTransformer(decode_variant(args.variant, image_size=args.image_size, num_classes=len(classes))).eval()
+    preprocessing = {**PREPROCESSING, "image_size": args.image_size}
+
+    with tempfile.TemporaryDirectory(prefix="vitflow-predict-bench-") as tmp:
+        work = Path(tmp)
+        folder = work / "photos"
+        for file in files:  # the same bytes, one folder
+            target = folder / file.parent.name / f"{file.parent.parent.name}-{file.name}"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(file.read_bytes())
+
+        # Baseline: one process, all its threads on the model, reading in between batches.
+        classifier = ImageClassifier(model, classes, preprocessing, precision=args.precision, top_k=5,
+                                     batch_size=args.batch_size)
+        names = sorted(str(p.relative_to(folder)) for p in folder.rglob("*.jpg"))
+        started = time.monotonic()
+        loop_labels = {}
+        for i in range(0, len(names), args.batch_size):
+            chunk = names[i: i + args.batch_size]
+            for name, prediction in zip(chunk, classifier.classify([(folder / n).read_bytes() for n in chunk], chunk)):
+                loop_labels[name] = prediction.label
+        loop_s = time.monotonic() - started
+        print(f"plain loop: {len(names)} images in {loop_s:.1f} s: {len(names) / loop_s:.1f} images/s")
+
+        # vitflow predict: the model logged and registered in a store of its own, run on a local Ray.
+        from workflows import tracking
+        from workflows.compute.local_ray import embedded_ray
+        from workflows.configs import PredictConfig
+        from workflows.stages.predict import run_predict
+
+        uri = f"sqlite:///{work / 'mlflow.db'}"
+        tracking.ensure_experiment("bench", uri, artifact_location=(work / "artifacts").as_uri())
+        run_id = tracking.start_run(uri, "bench", "model")
+        logged = tracking.log_vit_model(uri, run_id, model, classes, preprocessing=preprocessing)
+        tracking.register_model(uri, logged.model_uri, "vit-bench", {}, run_id)
+        tracking.end_run(uri, run_id)
+        config = PredictConfig(model="models:/vit-bench/1", source=str(folder), out=str(work / "p.parquet"),
+                               precision=args.precision, batch_size=args.batch_size,
+                               tracking={"uri": uri, "experiment": "bench"})
+        started = time.monotonic()
+        with embedded_ray(work):
+            ray_up = time.monotonic() - started
+            result = run_predict(config)
+        total_s = time.monotonic() - started
+        rows = {row["source"]: row["label"] for row in pq.read_table(work / "p.parquet").to_pylist()}
+        agree = sum(rows[name] == label for name, label in loop_labels.items())
+        print(f"vitflow predict: {result.images} images, {result.actors} actor(s), batches of {result.batch_size}: "
+              f"{result.images_per_s:.1f} images/s in the stage ({result.seconds:.1f} s), "
+              f"{result.images / total_s:.1f} images/s counting Ray's start ({ray_up:.1f} s)")
+        print(f"labels agreeing with the loop: {agree}/{len(loop_labels)}")
+        print(f"ratio predict / loop (the stage's rate): {result.images_per_s / (len(names) / loop_s):.2f}  "
+              f"(counting Ray's start: {result.images / total_s / (len(names) / loop_s):.2f})")
+
+
+if __name__ == "__main__":
+    main()
