@@ -140,7 +140,7 @@ def owns(owner: str, path: str) -> bool:
 
 # workflows/ in layers, lowest first. A module imports only from lower layers (inside the tracking, compute
 # and cli packages, its own package too); so the stages never import each other, and nothing imports the CLI.
-STAGES = ("preprocess", "pretrain", "finetune", "evaluate", "preflight")
+STAGES = ("preprocess", "pretrain", "finetune", "evaluate", "predict", "preflight")
 LAYERS = (
     ("recipes", ("workflows.recipes",)),
     ("configs", ("workflows.configs", "workflows.tags")),

@@ -3,7 +3,8 @@
 A stage's fingerprint hashes its configuration, its inputs' fingerprints (corpus listing, dataset
 fingerprint, model URI) and the code version. A finished stage run carries its fingerprint and its
 :class:`~workflows.results.StageResult` as tags; a later execution with the same fingerprint reuses that
-result while its output is still valid (shards that verify, a registered model version that exists).
+result while its output is still valid (shards that verify, a registered model version that exists, a
+prediction file that is there).
 """
 
 from __future__ import annotations
@@ -83,6 +84,14 @@ class StageCache:
         return None
 
     def still_valid(self, result: StageResult) -> bool:
+        if result.output_uri:  # a predict stage: its file is still there, and the model it used
+            from pipeline.storage import Location, StorageError
+
+            try:
+                written = Location(result.output_uri).is_file()
+            except (StorageError, OSError):
+                return False
+            return written and (not result.model_uri or tracking.model_exists(self.tracking_uri, result.model_uri))
         if result.dataset_uri and not result.model_uri:
             from pipeline import verify_shards
 

@@ -19,13 +19,14 @@ from workflows.configs import Tracking
 class StageResult:
     """What a stage hands the next ones."""
 
-    stage: str  # "preprocess:cifar10", "pretrain", "finetune", "evaluate"
+    stage: str  # "preprocess:cifar10", "pretrain", "finetune" (or "finetune:TASK"), "evaluate", "predict:NAME"
     run_id: str
     fingerprint: str
     reused: bool = False
     dataset_uri: str | None = None
     dataset_fingerprint: str | None = None
     model_uri: str | None = None  # models:/NAME/VERSION when registered
+    output_uri: str | None = None  # a file the stage wrote (predict: its Parquet)
     metrics: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> str:

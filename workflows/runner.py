@@ -1,6 +1,7 @@
 """Runs a workflow spec: stages in dependency order on Ray, cached by fingerprint, resumable, tracked.
 
     preprocess:<corpus> (parallel Ray tasks) -> pretrain (Ray Train) -> finetune (Ray Tune) -> evaluate
+        -> predict:<name> (Ray Data)        with finetune.tasks: finetune:<task> and evaluate:<task> per task
 
 - Every execution is one MLflow parent run; each stage is a nested run tagged with its fingerprint.
 - A stage's fingerprint hashes its configuration, its inputs' fingerprints (corpus listing, dataset
@@ -14,9 +15,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,22 +38,38 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TrainingStage:
-    """A stage after preprocessing, as the runner sees it: the spec section of its name, the model it starts
-    from (its section's ``model_key``, else the result of stage ``model_from``) and its ``run``, which takes
-    the section and the :class:`StageInputs` and returns a :class:`StageResult`."""
+    """A stage after preprocessing, as the runner sees it: its name (``pretrain``, ``finetune`` or
+    ``finetune:TASK``, ``evaluate`` or ``evaluate:TASK``), its kind's ``run`` (which takes the spec section
+    and the :class:`StageInputs` and returns a :class:`StageResult`), its section, the preprocess stage it
+    reads, and the model it starts from: ``model`` (given in its section) or the result of ``model_from``."""
 
     name: str
     run: Callable[[Any, StageInputs], StageResult]
-    model_key: str | None = None
+    section: Any
+    dataset: str
+    model: str | None = None
     model_from: str | None = None
+    takes_model: bool = False
 
 
-# In order: each may take the one before's model. A new stage is a row here and a section in the spec.
-TRAINING_STAGES = (
-    TrainingStage("pretrain", pretrain.run_stage),
-    TrainingStage("finetune", finetune.run_stage, model_key="pretrained", model_from="pretrain"),
-    TrainingStage("evaluate", evaluate.run_stage, model_key="model", model_from="finetune"),
-)
+def training_stages(spec: WorkflowSpec) -> list[TrainingStage]:
+    """The spec's stages after preprocessing, in order: each may take a model from one before it."""
+    stages = []
+    if spec.pretrain is not None:
+        stages.append(TrainingStage("pretrain", pretrain.run_stage, spec.pretrain, spec.pretrain.dataset))
+    finetunes = spec.finetune_stages()
+    for name, section in finetunes.items():
+        stages.append(TrainingStage(name, finetune.run_stage, section, section.dataset, model=section.pretrained,
+                                    model_from=None if section.pretrained else "pretrain", takes_model=True))
+    if spec.evaluate is not None:
+        if finetunes and spec.evaluate.model is None:  # each fine-tuned model on its own task's dataset
+            for name, section in finetunes.items():
+                stages.append(TrainingStage(name.replace("finetune", "evaluate", 1), evaluate.run_stage, spec.evaluate,
+                                            spec.evaluate.dataset or section.dataset, model_from=name, takes_model=True))
+        else:
+            stages.append(TrainingStage("evaluate", evaluate.run_stage, spec.evaluate, spec.evaluate.dataset,
+                                        model=spec.evaluate.model, model_from="finetune", takes_model=True))
+    return stages
 
 
 class WorkflowRunner:
@@ -59,17 +78,20 @@ class WorkflowRunner:
         self.spec = spec
         self.workdir = Path(spec.workdir)
         self.stages = self._stage_names()
-        unknown = sorted((force or set()) - set(self.stages) - {"preprocess"})
-        if unknown or (from_stage and from_stage not in self.stages and from_stage != "preprocess"):
+        groups = {s.split(":")[0] for s in self.stages}
+        unknown = sorted((force or set()) - set(self.stages) - groups)
+        if unknown or (from_stage and from_stage not in self.stages and from_stage not in groups):
             raise ValueError(f"unknown stage {', '.join(unknown) or from_stage}; this workflow has: {', '.join(self.stages)}")
         self.force = set(force or ())
-        if "preprocess" in self.force:
-            self.force |= {s for s in self.stages if s.startswith("preprocess:")}
+        for group in ("preprocess", "finetune", "evaluate", "predict"):  # a group's name forces each of its stages
+            if group in self.force:
+                self.force |= {s for s in self.stages if s.startswith(f"{group}:")}
         if from_stage:
             start = next(i for i, s in enumerate(self.stages) if s == from_stage or s.startswith(f"{from_stage}:"))
             self.force |= set(self.stages[start:])
         self.on_event = on_event or (lambda stage, status, detail: None)
-        self.search_callbacks: list[Any] = []  # Tune callbacks for the search (e.g. a console's view of it)
+        # Tune callbacks for a search (e.g. a console's view of it), given the stage's name and section
+        self.search_callbacks: Callable[[str, Any], Sequence[Any]] = lambda stage, section: ()
         # On a cluster (cluster.yaml) the environment names the shared tracking server and storage.
         self.tracking_uri = (spec.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
                              or tracking.default_tracking_uri(self.workdir))
@@ -79,11 +101,8 @@ class WorkflowRunner:
         self.results: dict[str, StageResult] = {}
 
     def _stage_names(self) -> list[str]:
-        names = [f"preprocess:{name}" for name in self.spec.preprocess]
-        return names + [stage.name for stage in TRAINING_STAGES if self._section(stage) is not None]
-
-    def _section(self, stage: TrainingStage):
-        return getattr(self.spec, stage.name)  # the spec's typed section of that name (pydantic field)
+        return ([f"preprocess:{name}" for name in self.spec.preprocess] + [s.name for s in training_stages(self.spec)]
+                + [f"predict:{name}" for name in self.spec.predict])
 
     # --- the whole run ---------------------------------------------------------------------------
 
@@ -103,7 +122,7 @@ class WorkflowRunner:
         self.workdir.mkdir(parents=True, exist_ok=True)
         # The workflow's own Ray (and driver lock) unless it names a cluster: a rerun after a killed driver
         # first stops what that driver's Ray left behind.
-        concurrency = self.spec.finetune.search.max_concurrent_trials if self.spec.finetune else 1
+        concurrency = max([s.search.max_concurrent_trials for s in self.spec.finetune_stages().values()], default=1)
         with embedded_ray(self.workdir, address=address, num_cpus=self.spec.ray.num_cpus,
                           resources={TRIAL_DRIVER_RESOURCE: concurrency}):
             return self._run_tracked(spec_text)
@@ -129,9 +148,12 @@ class WorkflowRunner:
         status = "FAILED"
         try:
             self._preprocess_all()
-            for stage in TRAINING_STAGES:
-                if self._section(stage) is not None:
-                    self._run_stage(stage)
+            for stage in training_stages(self.spec):
+                self._run_stage(stage)
+            if len(self.spec.finetune_stages()) > 1:
+                self._log_transfer_table()
+            for name in self.spec.predict:
+                self._run_predict(name)
             status = "FINISHED"
         finally:
             try:
@@ -200,22 +222,56 @@ class WorkflowRunner:
         return run_id
 
     def _run_stage(self, stage: TrainingStage) -> StageResult:
-        section = self._section(stage)
-        dataset = self.results[f"preprocess:{section.dataset}"]
+        section = stage.section
+        dataset = self.results[f"preprocess:{stage.dataset}"]
         inputs: list[Any] = [dataset.dataset_fingerprint]
-        if stage.model_key:  # the model it starts from: named in its section, or the upstream stage's
-            inputs.append(getattr(section, stage.model_key) or self.results[stage.model_from].model_uri)
+        if stage.takes_model:  # the model it starts from: named in its section, or the upstream stage's
+            inputs.append(stage.model or self.results[stage.model_from].model_uri)
         stage_fp = fingerprint(stage.name, section.model_dump(mode="json"), inputs, self.code)
         if self._reused(stage.name, stage_fp):
             return self.results[stage.name]
         self.on_event(stage.name, "running", "")
         given = StageInputs(
-            name=self.cache.run_name(self.spec.name, stage.name, stage_fp), fingerprint=stage_fp, dataset=dataset,
-            model=inputs[1] if stage.model_key else None, parent_run_id=self.parent, storage_path=self.storage_path,
-            tracking=self.spec.tracking.model_copy(update={"uri": self.tracking_uri}), callbacks=tuple(self.search_callbacks))
+            name=self.cache.run_name(self.spec.name, stage.name.replace(":", "-"), stage_fp), fingerprint=stage_fp,
+            dataset=dataset, model=inputs[1] if stage.takes_model else None, parent_run_id=self.parent,
+            storage_path=self.storage_path, tracking=self.spec.tracking.model_copy(update={"uri": self.tracking_uri}),
+            callbacks=tuple(self.search_callbacks(stage.name, section)))
         try:
             result = stage.run(section, given)
         except Exception:
             self.on_event(stage.name, "failed", "")
             raise
-        return self._finish(stage.name, stage_fp, result)
+        return self._finish(stage.name, stage_fp, dataclasses.replace(result, stage=stage.name))
+
+    def _run_predict(self, name: str) -> StageResult:
+        from workflows.stages import predict
+
+        key, section = f"predict:{name}", self.spec.predict[name]
+        given, model_from = self.spec.predict_model(name)
+        model_uri = given or self.results[model_from].model_uri
+        out = section.out or str(self.workdir / "predictions" / f"{name}.parquet")
+        stage_fp = fingerprint(key, section.model_dump(mode="json"), out, model_uri, corpus_fingerprint(section.source),
+                               self.code)
+        if self._reused(key, stage_fp):
+            return self.results[key]
+        self.on_event(key, "running", "")
+        try:
+            result = predict.run_stage(section, name, model_uri, out, self.spec.tracking.model_copy(
+                update={"uri": self.tracking_uri}), self.parent, stage_fp)
+        except Exception:
+            self.on_event(key, "failed", "")
+            raise
+        return self._finish(key, stage_fp, result)
+
+    def _log_transfer_table(self) -> None:
+        """The paper's Table 2 for this workflow: one row per downstream task (its best trial's resolution and
+        lr, validation and test top-1, GFLOPs per image, the model), on the workflow's run as a Parquet
+        table, a markdown table and a PNG (``transfer/``)."""
+        from workflows.stages.finetune import transfer_rows, write_transfer_table
+
+        rows = transfer_rows(self.spec, self.results, self.tracking_uri)
+        with tempfile.TemporaryDirectory() as tmp:
+            files = write_transfer_table(rows, Path(tmp))
+            tracking.log_artifacts(self.tracking_uri, self.parent, files, "transfer")
+        tracking.log_metrics(self.tracking_uri, self.parent, {
+            f"transfer/{row['task']}/test_top1": row["test_top1"] for row in rows if row["test_top1"] is not None})

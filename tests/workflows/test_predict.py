@@ -97,6 +97,8 @@ def test_a_folder_gives_one_row_per_file_and_a_reason_for_each_bad_one(registere
     assert run.data.params["source_kind"] == "folder" and run.data.params["out"] == str(out)
     assert run.data.metrics["images"] == 10 and run.data.metrics["bad_images"] == 4
     assert run.data.metrics["images_per_s"] > 0
+    stats = client.download_artifacts(result.run_id, "predict/ray_data_stats.txt", str(tmp_path))
+    assert "MapBatches(read_and_prepare)" in open(stats).read() and "MapBatches(Classify)" in open(stats).read()
     source_run = client.get_model_version("vit-flowers", registered["version"]).run_id
     assert run.data.tags["mlflow.parentRunId"] == source_run
 

@@ -77,6 +77,122 @@ def test_workflow_runs_then_reuses_then_reruns_only_what_changed(tmp_path, cifar
     assert [name for name, r in forced.items() if not r.reused] == ["evaluate"]
 
 
+def two_task_spec(cifar_source, flowers_source, cifar_lr_max: float = 0.03) -> dict:
+    """The mini workflow with two downstream tasks: Flowers-17 and the CIFAR-10 subset, shared defaults."""
+    data = mini_spec(cifar_source, flowers_source, num_samples=1)
+    data["pretrain"]["train"]["total_steps"] = 4
+    shared = {key: value for key, value in data["finetune"].items() if key != "dataset"}
+    shared["train"] = {"total_steps": 3, "log_every": 3, "eval_every": 3}
+    shared["search"] = {**shared["search"], "image_size": [32], "max_concurrent_trials": 1}
+    data["finetune"] = {**shared, "tasks": {
+        "flowers": {"dataset": "flowers"},
+        "cifar": {"dataset": "cifar", "search": {"lr": {"min": 0.003, "max": cifar_lr_max}}},
+    }}
+    data["evaluate"] = {"split": "test"}
+    data["predict"] = {"garden": {"source": str(flowers_source / "test"), "task": "flowers", "top_k": 2}}
+    return data
+
+
+@pytest.mark.slow
+def test_two_downstream_tasks_register_two_champions_and_a_transfer_table(tmp_path, cifar_source, flowers_source,
+                                                                          local_ray):
+    import pyarrow.parquet as pq
+
+    spec, _ = load_spec(write(tmp_path, two_task_spec(cifar_source, flowers_source)))
+    first = WorkflowRunner(spec).run(spec_text="x")
+    tasks = list(spec.finetune.tasks)  # in the spec file's order
+    assert list(first)[2:] == ["pretrain", *[f"finetune:{t}" for t in tasks], *[f"evaluate:{t}" for t in tasks],
+                               "predict:garden"]
+    assert set(list(first)[:2]) == {"preprocess:cifar", "preprocess:flowers"}  # in parallel: either first
+    assert first["finetune:flowers"].model_uri == "models:/vit-flowers/1"
+    assert first["finetune:cifar"].model_uri == "models:/vit-cifar/1"
+    uri = f"sqlite:///{tmp_path / 'work' / 'mlflow.db'}"
+    client = MlflowClient(uri, registry_uri=uri)
+    for name in ("vit-flowers", "vit-cifar"):
+        champion = client.get_model_version_by_alias(name, "champion")
+        assert str(champion.version) == "1"
+        assert champion.tags["pretrained_model"] == "models:/vit-pretrained/1"
+    # each task's model is evaluated on its own dataset's test split
+    evaluations = {r.stage: r for r in first.values() if r.stage.startswith("evaluate:")}
+    for task, evaluation in evaluations.items():
+        run = client.get_run(evaluation.run_id)
+        assert run.data.params["model"] == first[task.replace("evaluate", "finetune")].model_uri
+        assert run.data.params["dataset"] == first[f"preprocess:{task.split(':')[1]}"].dataset_uri
+
+    # The transfer table on the workflow's run: one row per task, as Parquet, markdown and a figure.
+    experiment = client.get_experiment_by_name("mini").experiment_id
+    parent = client.search_runs([experiment], "tags.`vitflow.workflow` = 'mini'")[0]
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "transfer")} == {
+        "transfer/transfer_table.parquet", "transfer/transfer_table.md", "transfer/transfer_table.png"}
+    table = pq.read_table(client.download_artifacts(parent.info.run_id, "transfer/transfer_table.parquet", str(tmp_path)))
+    rows = {row["task"]: row for row in table.to_pylist()}
+    assert set(rows) == {"flowers", "cifar"}
+    for task, row in rows.items():
+        assert row["model"] == f"models:/vit-{task}/1" and row["image_size"] == 32 and row["gflops"] > 0
+        assert row["test_top1"] == pytest.approx(first[f"evaluate:{task}"].metrics["test/top1"])
+        assert parent.data.metrics[f"transfer/{task}/test_top1"] == pytest.approx(row["test_top1"])
+    assert 0 < rows["flowers"]["lr"] <= 0.03
+
+    # The prediction stage: the flowers task's model over a folder of photos, one row each.
+    predicted = first["predict:garden"]
+    assert predicted.model_uri == "models:/vit-flowers/1" and predicted.output_uri == str(tmp_path / "work" / "predictions" / "garden.parquet")
+    rows = pq.read_table(predicted.output_uri).to_pylist()
+    assert len(rows) == len(list((flowers_source / "test").rglob("*.jpg"))) == predicted.metrics["images"]
+    assert all(row["error"] is None and len(row["top_labels"]) == 2 for row in rows)
+    assert client.get_run(predicted.run_id).data.tags["mlflow.parentRunId"] == parent.info.run_id
+
+    # Again: every stage reused. Then only the cifar task's search changes: only its stages rerun.
+    again = WorkflowRunner(spec).run()
+    assert all(result.reused for result in again.values())
+    spec3, _ = load_spec(write(tmp_path, two_task_spec(cifar_source, flowers_source, cifar_lr_max=0.02)))
+    third = WorkflowRunner(spec3).run()
+    assert [name for name, r in third.items() if not r.reused] == ["finetune:cifar", "evaluate:cifar"]
+    assert third["predict:garden"].reused  # its model is unchanged
+    assert third["finetune:cifar"].model_uri == "models:/vit-cifar/2"
+    assert len(client.search_model_versions("name = 'vit-flowers'")) == 1
+    # --force finetune reruns every task's search
+    assert set(WorkflowRunner(spec3, force={"finetune"}).force) >= {"finetune:flowers", "finetune:cifar"}
+
+
+def test_the_tasks_form_is_checked_key_by_key(tmp_path, cifar_source, flowers_source):
+    data = two_task_spec(cifar_source, flowers_source)
+    data["finetune"]["tasks"]["cifar"].update({"dataset": "nope", "register_as": "vit-flowers"})
+    # (two tasks under one name: the second of them in the file is named, the first in the reason)
+    with pytest.raises(SpecError, match=r"finetune\.tasks\.(cifar|flowers)\.register_as: 'vit-flowers' is task '(flowers|cifar)''s too"):
+        load_spec(write(tmp_path, data))
+    data["finetune"]["tasks"]["cifar"].pop("register_as")
+    data["finetune"]["tasks"]["flowers"]["search"] = {"image_size": [33]}
+    data["evaluate"] = {"dataset": "flowers"}
+    with pytest.raises(SpecError) as error:
+        load_spec(write(tmp_path, data))
+    message = str(error.value)
+    assert "finetune.tasks.cifar.dataset: 'nope' is not a preprocess stage" in message
+    assert "finetune.tasks.flowers.search.image_size: [33] not divisible by the pre-trained patch size 8" in message
+    assert "evaluate.dataset: with finetune.tasks each task's model is evaluated on its own dataset" in message
+    data = two_task_spec(cifar_source, flowers_source)
+    data["finetune"]["tasks"] = {}
+    with pytest.raises(SpecError, match=r"finetune\.tasks: a mapping of task names to their sections \(at least one\), got \{\}"):
+        load_spec(write(tmp_path, data))
+    data["finetune"]["tasks"] = {"flowers": {"dataset": "flowers", "bogus": 1}}
+    with pytest.raises(SpecError, match=r"finetune\.tasks\.flowers\.bogus: unknown key"):
+        load_spec(write(tmp_path, data))
+
+    # predict: whose model, and a Parquet file to write
+    data = two_task_spec(cifar_source, flowers_source)
+    data["predict"] = {"a": {"source": str(flowers_source)}, "b": {"source": str(flowers_source), "task": "roses"},
+                       "c": {"source": str(flowers_source), "task": "flowers", "out": "p.csv"}}
+    with pytest.raises(SpecError) as error:
+        load_spec(write(tmp_path, data))
+    message = str(error.value)
+    assert "predict.a.task: which task's model predicts (have: " in message
+    assert "predict.b.task: 'roses' is not a task of finetune.tasks" in message
+    assert "predict.c.out: must name a .parquet file, got '" in message and "p.csv'" in message
+    del data["finetune"], data["evaluate"]
+    data["predict"] = {"a": {"source": str(flowers_source)}}
+    with pytest.raises(SpecError, match=r"predict\.a\.model: needed when the spec has no finetune stage"):
+        load_spec(write(tmp_path, data))
+
+
 def test_spec_errors_name_file_key_and_reason(tmp_path, cifar_source, flowers_source):
     data = mini_spec(cifar_source, flowers_source)
     data["pretrain"]["train"]["total_steps"] = "many"

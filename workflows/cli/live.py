@@ -249,10 +249,10 @@ class WorkflowConsole:
             self._last_worker_line = line
             self.say(line, self.training)
 
-    def search_progress(self, search: FinetuneSettings) -> SearchProgress:
-        """The view of ``search``: its trials ranked by its metric, each out of its total steps."""
+    def search_progress(self, search: FinetuneSettings, stage: str = "finetune") -> SearchProgress:
+        """The view of ``search`` (stage ``stage``): its trials ranked by its metric, each out of its total steps."""
         metric = search.search.metric
-        return SearchProgress(lambda line: self.say(line, "finetune"), metric, MODES[metric], search.train.total_steps)
+        return SearchProgress(lambda line: self.say(line, stage), metric, MODES[metric], search.train.total_steps)
 
     # --- the end -----------------------------------------------------------------------------------
 

@@ -152,8 +152,9 @@ def validate(
             fail(f"{spec}: {error}")
         except TrackingUnavailable as error:
             fail(f"{spec}: {error}", code=3)
-    stages = [f"preprocess:{name}" for name in loaded.preprocess] + [
-        s for s in ("pretrain", "finetune", "evaluate") if getattr(loaded, s) is not None]
+    from workflows.runner import training_stages
+
+    stages = [f"preprocess:{name}" for name in loaded.preprocess] + [s.name for s in training_stages(loaded)]
     typer.echo(f"{spec}: valid workflow {loaded.name!r} with stages {', '.join(stages)}")
 
 
@@ -185,8 +186,7 @@ def run(
         fail(str(error))
     console = WorkflowConsole(loaded.workdir, name=loaded.name, verbose=verbose)
     runner.on_event = console.event
-    if loaded.finetune is not None:
-        runner.search_callbacks = [console.search_progress(loaded.finetune)]
+    runner.search_callbacks = lambda stage, section: [console.search_progress(section, stage)]
     failure = None
     with console:
         try:

@@ -203,6 +203,7 @@ class PredictStats:
     seconds: float  # from the first read to the file published
     batch_size: int
     actors: int
+    ray_data_stats: str = ""  # Ray Data's account of each operator: tasks, wall and CPU time, rows/s
 
     @property
     def images_per_s(self) -> float:
@@ -211,7 +212,8 @@ class PredictStats:
 
 def predict(listing: Listing, model, model_uri: str, out: str, *, batch_size: int, actors: int = 1,
             gpus_per_actor: float = 0.0, cpus_per_actor: float = 1.0, precision: str = "auto", top_k: int = 5,
-            read_batch: int = 32, threads: int = 0, progress: Callable[[int], None] | None = None) -> PredictStats:
+            read_batch: int = 32, threads: int = 0, readers: int = 0,
+            progress: Callable[[int], None] | None = None) -> PredictStats:
     """Classify every image of ``listing`` with ``model`` (a ``workflows.tracking.PlainModel``) on the Ray
     this process is connected to; write the rows to ``out`` (a Parquet file, local or object store).
     ``progress(rows)`` is called as rows are written."""
@@ -227,6 +229,7 @@ def predict(listing: Listing, model, model_uri: str, out: str, *, batch_size: in
     # and classifying overlap, and the reads spread over the cluster).
     dataset = dataset.map_batches(
         read_and_prepare, batch_size=1 if listing.kind == "shards" else read_batch, num_cpus=READ_CPUS,
+        compute=ray.data.TaskPoolStrategy(size=readers or None),
         fn_kwargs={"kind": listing.kind, "source": listing.source, "preprocessing": model.preprocessing,
                    "image_size": image_size})
     dataset = dataset.map_batches(
@@ -254,7 +257,8 @@ def predict(listing: Listing, model, model_uri: str, out: str, *, batch_size: in
             bad += len(listing.rejected)
             if progress:
                 progress(written)
-    return PredictStats(images=written, bad=bad, seconds=time.monotonic() - started, batch_size=batch_size, actors=actors)
+    return PredictStats(images=written, bad=bad, seconds=time.monotonic() - started, batch_size=batch_size, actors=actors,
+                        ray_data_stats=dataset.stats())
 
 
 @dataclass(frozen=True)
@@ -264,13 +268,21 @@ class Plan:
     gpus_per_actor: float
     cpus_per_actor: float
     threads: int  # torch threads an actor uses (0: as Ray sets them)
+    readers: int  # reading tasks at once (0: as many as Ray's CPUs allow)
 
 
 def plan(config, *, batch_size: int | None, actors: int | None) -> Plan:
-    """How to spread the work over the Ray this process is connected to: one actor per GPU when there are
-    GPUs, else one per 2 CPUs (at least one), each using its CPUs' worth of torch threads; batches sized so
-    one forward pass's activations fit a memory budget (``vit.inference.batch_size_for``): 4 GiB on a GPU
-    (any current one has it free), on CPUs a quarter of the memory Ray sees, shared by the actors, at most 1 GiB each."""
+    """How to spread the work over the Ray this process is connected to, and size its batches.
+
+    On GPUs: one actor per GPU, the CPUs reading. On CPUs: one actor per 2 CPUs (at least one), each running
+    its share of the cores as torch threads, and as many reading tasks at once as CPUs the actors do not
+    hold (decoding and resizing take a few ms an image: the model is the work). Measured on 2 Zen 4 cores
+    with ViT-Ti/16 at 224 px (benchmarks/predict_throughput.py), the stage's rate over Flowers-17: one actor
+    of 2 threads beside one reader 39 img/s; two single-threaded actors 36; one actor of one thread beside
+    two readers 33.
+    Batches: a forward pass's activations within a memory budget (``vit.inference.batch_size_for``): 4 GiB
+    on a GPU (any current one has it free), on CPUs a quarter of the memory Ray sees, shared by the actors,
+    at most 1 GiB each, and at most 64 images (larger batches are no faster on CPUs, and hold the stream back)."""
     import ray
 
     from vit.inference import batch_size_for
@@ -279,14 +291,15 @@ def plan(config, *, batch_size: int | None, actors: int | None) -> Plan:
     gpus, cpus = int(resources.get("GPU", 0)), max(1, int(resources.get("CPU", 1)))
     if gpus:
         actors = actors or gpus
-        budget, cpus_per_actor, gpus_per_actor, threads = 4 << 30, 1.0, 1.0, 0
+        budget, cpus_per_actor, gpus_per_actor, threads, readers = 4 << 30, 1.0, 1.0, 0, 0
     else:
         actors = actors or max(1, cpus // 2)
-        # the reading tasks need CPUs too: an actor holds one, and runs as many threads as its share of the
-        # machine (torch's default would be every core in each actor)
         cpus_per_actor, gpus_per_actor = 1.0, 0.0
         threads = max(1, cpus // actors)
+        readers = max(1, cpus - actors)
         budget = min(1 << 30, resources.get("memory", 4 << 30) / 4 / actors)
+    # The actors never hold every CPU: a reading task must always find room, or the actors wait forever.
+    cpus_per_actor = min(cpus_per_actor, max(0.1, (cpus - READ_CPUS) / actors))
     limit = 512 if gpus else CPU_BATCH_LIMIT
-    return Plan(batch_size=batch_size or batch_size_for(config, budget, limit=limit), actors=actors, gpus_per_actor=gpus_per_actor,
-                cpus_per_actor=cpus_per_actor, threads=threads)
+    return Plan(batch_size=batch_size or batch_size_for(config, budget, limit=limit), actors=actors,
+                gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor, threads=threads, readers=readers)

@@ -68,6 +68,10 @@ class FinetuneResult:
     champion: bool
     test_top1: float
     results_table: str  # artifact URI of the trials table (Parquet)
+    best_image_size: int = 0
+    best_lr: float = math.nan
+    best_val_top1: float = math.nan
+    gflops: float = math.nan  # the best model's forward GFLOPs per image
 
 
 def load_config(path: str | Path) -> FinetuneSearchConfig:
@@ -114,7 +118,76 @@ def run_stage(section: FinetuneSettings, inputs: StageInputs) -> StageResult:
     result = run_finetune(config, parent_run_id=inputs.parent_run_id, callbacks=inputs.callbacks)
     model_uri = f"models:/{result.registered_name}/{result.version}" if result.version else result.model_uri
     return StageResult(stage="finetune", run_id=result.search_run_id, fingerprint=inputs.fingerprint, model_uri=model_uri,
-                       dataset_fingerprint=inputs.dataset.dataset_fingerprint, metrics={"test/top1": result.test_top1})
+                       dataset_fingerprint=inputs.dataset.dataset_fingerprint,
+                       metrics={"test/top1": result.test_top1, "best/image_size": result.best_image_size,
+                                "best/lr": result.best_lr, "best/val_top1": result.best_val_top1,
+                                "best/gflops": result.gflops})
+
+
+TRANSFER_COLUMNS = ("task", "dataset", "model", "image_size", "lr", "val_top1", "test_top1", "gflops")
+
+
+def transfer_rows(spec, results: dict[str, StageResult], tracking_uri: str) -> list[dict[str, Any]]:
+    """One row per downstream task of ``spec`` (``finetune.tasks``), from its stages' results: the best
+    trial's resolution and lr, validation top-1, test top-1 (its evaluate stage's, else the search's own
+    test score), GFLOPs per image and the registered model."""
+    rows = []
+    for stage, section in spec.finetune_stages().items():
+        task = stage.split(":", 1)[-1]
+        found = results[stage]
+        metrics = found.metrics
+        evaluated = results.get(stage.replace("finetune", "evaluate", 1))
+        split = spec.evaluate.split if spec.evaluate is not None else section.test_split
+        test = evaluated.metrics.get(f"{split}/top1") if evaluated is not None else metrics.get("test/top1")
+        rows.append({
+            "task": task, "dataset": section.dataset, "model": found.model_uri,
+            "image_size": int(metrics["best/image_size"]) if "best/image_size" in metrics else None,
+            "lr": metrics.get("best/lr"), "val_top1": metrics.get("best/val_top1"),
+            "test_top1": test, "gflops": metrics.get("best/gflops"),
+        })
+    return rows
+
+
+def write_transfer_table(rows: list[dict[str, Any]], folder: Path) -> list[Path]:
+    """The transfer table as ``transfer_table.parquet``, ``transfer_table.md`` and ``transfer_table.png``
+    (test top-1 per task, annotated with the resolution and GFLOPs it was reached at)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder.mkdir(parents=True, exist_ok=True)
+    table = folder / "transfer_table.parquet"
+    pq.write_table(pa.Table.from_pylist([{k: row[k] for k in TRANSFER_COLUMNS} for row in rows]), table)
+
+    def shown(value, fmt: str) -> str:
+        return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, fmt)
+
+    lines = ["| task | dataset | resolution | lr | val top-1 | test top-1 | GFLOPs/image | model |",
+             "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['task']} | {r['dataset']} | {shown(r['image_size'], 'd')} | {shown(r['lr'], '.3g')} | "
+              f"{shown(r['val_top1'] * 100 if r['val_top1'] is not None else None, '.1f')} | "
+              f"{shown(r['test_top1'] * 100 if r['test_top1'] is not None else None, '.1f')} | "
+              f"{shown(r['gflops'], '.3f')} | {r['model'] or '-'} |" for r in rows]
+    markdown = folder / "transfer_table.md"
+    markdown.write_text("\n".join(lines) + "\n")
+
+    fig, ax = plt.subplots(figsize=(2.4 + 1.3 * len(rows), 3.6))
+    scores = [None if r["test_top1"] is None or math.isnan(r["test_top1"]) else 100 * r["test_top1"] for r in rows]
+    bars = ax.bar([r["task"] for r in rows], [score or 0.0 for score in scores], color="tab:blue")
+    for bar, row, score in zip(bars, rows, scores):
+        ax.annotate(f"{'no test score' if score is None else f'{score:.1f}%'}\n"
+                    f"{shown(row['image_size'], 'd')} px, {shown(row['gflops'], '.2f')} GFLOPs",
+                    (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=7)
+    ax.set(ylabel="test top-1 (%)", ylim=(0, 110))
+    ax.set_title("transfer from one pre-trained model", fontsize=10)
+    fig.tight_layout()
+    png = folder / "transfer_table.png"
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return [table, markdown, png]
 
 
 def run_finetune(config: FinetuneSearchConfig, *, parent_run_id: str | None = None,
@@ -503,7 +576,9 @@ def _conclude(config: FinetuneSearchConfig, grid, pretrained, index, tracking_ur
                                               test_key=test_key, score=test["top1"])
     return FinetuneResult(search_run_id=search_run_id, best_run_id=best_run, model_uri=logged.model_uri,
                           registered_name=config.register_as, version=version, champion=champion,
-                          test_top1=test["top1"], results_table=f"runs:/{search_run_id}/search/trials.parquet")
+                          test_top1=test["top1"], results_table=f"runs:/{search_run_id}/search/trials.parquet",
+                          best_image_size=best["image_size"], best_lr=best["lr"], best_val_top1=best["val_top1"],
+                          gflops=best["gflops"])
 
 
 def _registry_version(tracking_uri: str, model_uri: str) -> str:

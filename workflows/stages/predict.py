@@ -1,7 +1,8 @@
-"""The prediction stage (``vitflow predict MODEL_URI SOURCE OUT``): one Parquet row per image of a folder,
-table or shard set, classified by a registered model on Ray Data (``workflows.compute.predict``).
+"""The prediction stage (``vitflow predict MODEL_URI SOURCE OUT``, and a workflow's ``predict.NAME``): one
+Parquet row per image of a folder, table or shard set, classified by a registered model on Ray Data
+(``workflows.compute.predict``).
 
-The run is logged to MLflow as a child of the model's own run: what was predicted with which model
+The run is logged to MLflow as a child of the model's own run (in a workflow, of the workflow's): what was predicted with which model
 (params), how many images, how many bad ones, and the throughput (metrics).
 """
 
@@ -15,6 +16,7 @@ from workflows import tags as tag
 from workflows import tracking
 from workflows.compute import predict
 from workflows.configs import PredictConfig, absolute_uri
+from workflows.results import StageResult
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,19 @@ class PredictResult:
     images_per_s: float
     batch_size: int
     actors: int
+
+
+def run_stage(section, name: str, model_uri: str, out: str, tracking_config, parent_run_id: str,
+              stage_fingerprint: str) -> StageResult:
+    """The workflow's ``predict.NAME`` stage: ``section`` (a ``workflows.spec.PredictStage``) with ``model_uri``,
+    written to ``out``; its run is a child of the workflow's."""
+    config = PredictConfig(model=model_uri, source=section.source, out=out, batch_size=section.batch_size,
+                           actors=section.actors, top_k=section.top_k, precision=section.precision,
+                           tracking=tracking_config)
+    result = run_predict(config, parent_run_id=parent_run_id)
+    return StageResult(stage=f"predict:{name}", run_id=result.run_id, fingerprint=stage_fingerprint,
+                       model_uri=result.model_uri, output_uri=result.out,
+                       metrics={"images": result.images, "bad_images": result.bad, "images_per_s": result.images_per_s})
 
 
 def check_output(out: str) -> None:
@@ -64,12 +79,15 @@ def run_predict(config: PredictConfig, *, parent_run_id: str | None = None,
         stats = predict.predict(listing, plain, model_uri, out, batch_size=plan.batch_size, actors=plan.actors,
                                 gpus_per_actor=plan.gpus_per_actor, cpus_per_actor=plan.cpus_per_actor,
                                 precision=config.precision, top_k=config.top_k, threads=plan.threads,
+                                readers=plan.readers,
                                 progress=(lambda done: progress(done, total)) if progress else None)
     except BaseException:
         tracking.end_run(uri, run_id, "FAILED")
         raise
     tracking.log_metrics(uri, run_id, {"images": stats.images, "bad_images": stats.bad, "seconds": stats.seconds,
                                        "images_per_s": stats.images_per_s})
+    if stats.ray_data_stats:  # where the time went: reading vs classifying, per operator
+        tracking.log_text(uri, run_id, stats.ray_data_stats, "predict/ray_data_stats.txt")
     tracking.end_run(uri, run_id)
     return PredictResult(run_id=run_id, model_uri=model_uri, out=out, images=stats.images, bad=stats.bad,
                          seconds=stats.seconds, images_per_s=stats.images_per_s, batch_size=plan.batch_size,

@@ -136,8 +136,9 @@ def check_ray(address: str, *, key: str, timeout_s: float = PROBE_TIMEOUT_S) -> 
 def check_models(spec: WorkflowSpec, tracking_uri: str) -> None:
     """The model URIs the spec names (syntax was checked at load) must exist in the store, and a registered
     pre-trained model must take the search's resolutions (the spec checks a pre-train stage's own)."""
-    references = [("finetune.pretrained", spec.finetune.pretrained if spec.finetune else None),
-                  ("evaluate.model", spec.evaluate.model if spec.evaluate else None)]
+    finetunes = {stage.replace(":", ".tasks."): section for stage, section in spec.finetune_stages().items()}
+    references = [(f"{key}.pretrained", section.pretrained) for key, section in finetunes.items()]
+    references.append(("evaluate.model", spec.evaluate.model if spec.evaluate else None))
     for key, uri in references:
         if uri is None or not uri.startswith(("models:/", "runs:/")):
             continue  # a local folder: its existence was checked at load
@@ -145,18 +146,19 @@ def check_models(spec: WorkflowSpec, tracking_uri: str) -> None:
             raise PreflightError(f"{key}: {uri} does not exist: the tracking store {tracking_uri} has no models yet")
         if not tracking.model_exists(tracking_uri, uri):
             raise PreflightError(f"{key}: {uri} does not exist in the tracking store {tracking_uri}")
-    if spec.finetune is not None and spec.finetune.pretrained is not None:
-        check_resolutions(spec.finetune.search.image_size, spec.finetune.pretrained, tracking_uri)
+    for key, section in finetunes.items():
+        if section.pretrained is not None:
+            check_resolutions(section.search.image_size, section.pretrained, tracking_uri, key=key)
 
 
-def check_resolutions(image_sizes: list[int], pretrained: str, tracking_uri: str) -> None:
+def check_resolutions(image_sizes: list[int], pretrained: str, tracking_uri: str, key: str = "finetune") -> None:
     """Every fine-tuning resolution must be a whole number of the pre-trained model's patches. Reads the
     model's logged config (one small file), not its weights."""
     try:
         patch = tracking.logged_model_config(tracking_uri, pretrained).patch_size
     except ValueError as error:
-        raise PreflightError(f"finetune.pretrained: {error}") from None
+        raise PreflightError(f"{key}.pretrained: {error}") from None
     bad = [size for size in image_sizes if size % patch]
     if bad:
-        raise PreflightError(f"finetune.search.image_size: {bad} not divisible by the patch size {patch} of the "
+        raise PreflightError(f"{key}.search.image_size: {bad} not divisible by the patch size {patch} of the "
                              f"pre-trained model {pretrained}")
