@@ -9,6 +9,7 @@ from mlflow.tracking import MlflowClient
 
 from workflows.runner import WorkflowRunner
 from workflows.spec import SpecError, load_spec, parse_spec
+from workflows.stages.preflight import PreflightError
 
 NORM = {"mean": [0.49, 0.48, 0.45], "std": [0.25, 0.24, 0.26], "crop_pct": 1.0}
 
@@ -187,6 +188,14 @@ def test_the_tasks_form_is_checked_key_by_key(tmp_path, cifar_source, flowers_so
     assert "predict.a.task: which task's model predicts (have: " in message
     assert "predict.b.task: 'roses' is not a task of finetune.tasks" in message
     assert "predict.c.out: must name a .parquet file, got '" in message and "p.csv'" in message
+    # checked before any work: a missing source, an out that is a folder
+    data["predict"] = {"b": {"source": str(tmp_path / "no-photos"), "task": "flowers"}}
+    with pytest.raises(PreflightError, match=r"predict\.b\.source: .*no-photos: no such file or folder"):
+        WorkflowRunner(load_spec(write(tmp_path, data))[0]).preflight()
+    data["predict"] = {"c": {"source": str(flowers_source), "task": "flowers", "out": str(tmp_path / "taken.parquet")}}
+    (tmp_path / "taken.parquet").mkdir()
+    with pytest.raises(PreflightError, match=r"predict\.c\.out: .*taken.parquet: is a folder"):
+        WorkflowRunner(load_spec(write(tmp_path, data))[0]).preflight()
     del data["finetune"], data["evaluate"]
     data["predict"] = {"a": {"source": str(flowers_source)}}
     with pytest.raises(SpecError, match=r"predict\.a\.model: needed when the spec has no finetune stage"):

@@ -37,9 +37,14 @@ def check_workflow(spec: WorkflowSpec, tracking_uri: str, ray_address: str | Non
 
 
 def check_sources(spec: WorkflowSpec) -> None:
-    for name, stage in spec.preprocess.items():
-        if "://" not in stage.source and not Path(stage.source).exists():
-            raise PreflightError(f"preprocess.{name}.source: {stage.source}: no such file or folder")
+    sources = [(f"preprocess.{name}", stage.source) for name, stage in spec.preprocess.items()]
+    sources += [(f"predict.{name}", stage.source) for name, stage in spec.predict.items()]
+    for key, source in sources:
+        if "://" not in source and not Path(source).exists():
+            raise PreflightError(f"{key}.source: {source}: no such file or folder")
+    for name, stage in spec.predict.items():
+        if stage.out and "://" not in stage.out and Path(stage.out).is_dir():
+            raise PreflightError(f"predict.{name}.out: {stage.out}: is a folder; give the Parquet file to write")
 
 
 def check_storage(spec: WorkflowSpec, storage_path: str | None) -> None:
@@ -50,6 +55,8 @@ def check_storage(spec: WorkflowSpec, storage_path: str | None) -> None:
 
     locations = [(f"preprocess.{name}.source", stage.source, True) for name, stage in spec.preprocess.items()]
     locations += [(f"preprocess.{name}.out", stage.out, False) for name, stage in spec.preprocess.items()]
+    locations += [(f"predict.{name}.source", stage.source, True) for name, stage in spec.predict.items()]
+    locations += [(f"predict.{name}.out", stage.out, False) for name, stage in spec.predict.items()]
     locations.append(("storage_path" if spec.storage_path else "VITFLOW_STORAGE", storage_path, False))
     for key, uri, must_exist in locations:
         if not uri or not is_uri(uri):
