@@ -50,6 +50,7 @@ class TrainingStage:
     model: str | None = None
     model_from: str | None = None
     takes_model: bool = False
+    search: bool = False  # a Ray Tune search: the runner's search callbacks watch it
 
 
 def training_stages(spec: WorkflowSpec) -> list[TrainingStage]:
@@ -60,7 +61,8 @@ def training_stages(spec: WorkflowSpec) -> list[TrainingStage]:
     finetunes = spec.finetune_stages()
     for name, section in finetunes.items():
         stages.append(TrainingStage(name, finetune.run_stage, section, section.dataset, model=section.pretrained,
-                                    model_from=None if section.pretrained else "pretrain", takes_model=True))
+                                    model_from=None if section.pretrained else "pretrain", takes_model=True,
+                                    search=True))
     if spec.evaluate is not None:
         if finetunes and spec.evaluate.model is None:  # each fine-tuned model on its own task's dataset
             for name, section in finetunes.items():
@@ -235,7 +237,7 @@ class WorkflowRunner:
             name=self.cache.run_name(self.spec.name, stage.name.replace(":", "-"), stage_fp), fingerprint=stage_fp,
             dataset=dataset, model=inputs[1] if stage.takes_model else None, parent_run_id=self.parent,
             storage_path=self.storage_path, tracking=self.spec.tracking.model_copy(update={"uri": self.tracking_uri}),
-            callbacks=tuple(self.search_callbacks(stage.name, section)))
+            callbacks=tuple(self.search_callbacks(stage.name, section)) if stage.search else ())
         try:
             result = stage.run(section, given)
         except Exception:

@@ -259,7 +259,7 @@ class WorkflowConsole:
     def summary(self, results: Mapping[str, Any], ui_command: str) -> None:
         """Each stage's outcome and MLflow URIs, and how to browse them."""
         for name, result in results.items():
-            shown = result.model_uri or result.dataset_uri or ""
+            shown = result.output_uri or result.model_uri or result.dataset_uri or ""
             metrics = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items() if "top1" in k)
             self.say(" ".join(part for part in ("reused" if result.reused else "ran", shown, metrics) if part), name)
         self.say(f"browse the runs and models: {ui_command}   (then open http://127.0.0.1:5000)")
