@@ -76,7 +76,6 @@ class ImagePreparer:
 
         steps = eval_transform(data_config(preprocessing, image_size)).transforms  # resize, crop, float, normalise
         self.geometry, self.normalize = v2.Compose(steps[:2]), v2.Compose(steps[2:])
-        self.image_size = image_size
 
     def __call__(self, data: bytes, what: str = "image") -> torch.Tensor:
         """``ValueError`` naming ``what`` if the bytes are no image."""

@@ -271,7 +271,7 @@ class WorkflowRunner:
         table, a markdown table and a PNG (``transfer/``)."""
         from workflows.stages.finetune import transfer_rows, write_transfer_table
 
-        rows = transfer_rows(self.spec, self.results, self.tracking_uri)
+        rows = transfer_rows(self.spec, self.results)
         with tempfile.TemporaryDirectory() as tmp:
             files = write_transfer_table(rows, Path(tmp))
             tracking.log_artifacts(self.tracking_uri, self.parent, files, "transfer")

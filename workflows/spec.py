@@ -21,8 +21,8 @@ registers as ``vit-NAME`` (``register_as``) with its own champion, and is evalua
     finetune:
       train: {total_steps: 300}                          # every task's, unless the task sets its own
       tasks:
-        flowers17: {dataset: flowers17, search: {image_size: [32, 48], lr: [0.01, 0.03]}}
-        cifar10: {dataset: cifar10-small, search: {image_size: [32], lr: [0.01]}}
+        flowers17: {dataset: flowers17, search: {image_size: [32, 48], lr: {min: 0.003, max: 0.1}}}
+        cifar10: {dataset: cifar10-small, search: {image_size: [32], lr: {min: 0.01, max: 0.03}}}
     evaluate: {split: test}
 
 A spec may start from another: `extends: base.yaml` (relative to its own folder) merges the file over its
@@ -193,14 +193,14 @@ class WorkflowSpec(BaseModel):
             return {f"finetune:{name}": task for name, task in self.finetune.tasks.items()}
         return {"finetune": self.finetune}
 
-    def _finetune_keys(self) -> dict[str, FinetuneStage]:
+    def finetune_keys(self) -> dict[str, FinetuneStage]:
         """The fine-tuning sections by their key path in the spec (for errors)."""
         return {stage.replace(":", ".tasks."): section for stage, section in self.finetune_stages().items()}
 
     @model_validator(mode="after")
     def _wired(self) -> WorkflowSpec:
         problems = []
-        training = {"pretrain": self.pretrain, **self._finetune_keys()}
+        training = {"pretrain": self.pretrain, **self.finetune_keys()}
         if self.evaluate is not None and self.evaluate.dataset is not None:
             training["evaluate"] = self.evaluate
         for key, stage in training.items():
@@ -210,7 +210,7 @@ class WorkflowSpec(BaseModel):
         for name in self.preprocess:
             if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", name):
                 problems.append(f"preprocess.{name}: stage names are letters, digits, '-' and '_'")
-        for key, section in self._finetune_keys().items():
+        for key, section in self.finetune_keys().items():
             if section.pretrained is None and self.pretrain is None:
                 problems.append(f"{key}.pretrained: needed when the spec has no pretrain stage")
             if section.pretrained is not None and not _is_model_reference(section.pretrained):
@@ -221,7 +221,7 @@ class WorkflowSpec(BaseModel):
                 bad = [size for size in section.search.image_size if size % patch]
                 if bad:
                     problems.append(f"{key}.search.image_size: {bad} not divisible by the pre-trained patch size {patch}")
-        for key, stage in {"pretrain": self.pretrain, **self._finetune_keys()}.items():
+        for key, stage in {"pretrain": self.pretrain, **self.finetune_keys()}.items():
             distill = stage.train.distill if stage is not None else None
             if distill is not None and not _is_model_reference(distill.teacher):
                 problems.append(f"{key}.train.distill.teacher: {distill.teacher!r} is not a model URI "

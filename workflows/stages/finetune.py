@@ -127,7 +127,7 @@ def run_stage(section: FinetuneSettings, inputs: StageInputs) -> StageResult:
 TRANSFER_COLUMNS = ("task", "dataset", "model", "image_size", "lr", "val_top1", "test_top1", "gflops")
 
 
-def transfer_rows(spec, results: dict[str, StageResult], tracking_uri: str) -> list[dict[str, Any]]:
+def transfer_rows(spec, results: dict[str, StageResult]) -> list[dict[str, Any]]:
     """One row per downstream task of ``spec`` (``finetune.tasks``), from its stages' results: the best
     trial's resolution and lr, validation top-1, test top-1 (its evaluate stage's, else the search's own
     test score), GFLOPs per image and the registered model."""

@@ -143,7 +143,7 @@ def check_ray(address: str, *, key: str, timeout_s: float = PROBE_TIMEOUT_S) -> 
 def check_models(spec: WorkflowSpec, tracking_uri: str) -> None:
     """The model URIs the spec names (syntax was checked at load) must exist in the store, and a registered
     pre-trained model must take the search's resolutions (the spec checks a pre-train stage's own)."""
-    finetunes = {stage.replace(":", ".tasks."): section for stage, section in spec.finetune_stages().items()}
+    finetunes = spec.finetune_keys()
     references = [(f"{key}.pretrained", section.pretrained) for key, section in finetunes.items()]
     references.append(("evaluate.model", spec.evaluate.model if spec.evaluate else None))
     for key, uri in references:
