@@ -40,44 +40,6 @@ def write(tmp_path, data: dict):
     return path
 
 
-@pytest.mark.slow
-def test_workflow_runs_then_reuses_then_reruns_only_what_changed(tmp_path, cifar_source, flowers_source, local_ray):
-    data = mini_spec(cifar_source, flowers_source)
-    spec, _ = load_spec(write(tmp_path, data))
-    events = []
-    first = WorkflowRunner(spec, on_event=lambda *e: events.append(e)).run(spec_text="x")
-    assert set(first) == {"preprocess:cifar", "preprocess:flowers", "pretrain", "finetune", "evaluate"}
-    assert not any(r.reused for r in first.values())
-    uri = f"sqlite:///{tmp_path / 'work' / 'mlflow.db'}"
-    client = MlflowClient(uri, registry_uri=uri)
-    experiment = client.get_experiment_by_name("mini").experiment_id
-    parents = client.search_runs([experiment], "tags.`vitflow.workflow` = 'mini'")
-    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    children = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}'")
-    assert {run.data.tags.get("vitflow.stage") for run in children} == {"preprocess", "pretrain", "finetune", "evaluate"}
-    assert first["pretrain"].model_uri == "models:/vit-pretrained/1"
-    assert first["finetune"].model_uri == "models:/vit-finetuned/1"
-    assert {a.path for a in client.list_artifacts(parents[0].info.run_id)} >= {"spec.yaml", "resolved_spec.json"}
-
-    # The same spec again: every stage is reused, nothing is registered twice.
-    again = WorkflowRunner(spec).run()
-    assert all(result.reused for result in again.values())
-    assert len(client.search_model_versions("name = 'vit-pretrained'")) == 1
-    assert len(client.search_model_versions("name = 'vit-finetuned'")) == 1
-    latest = client.search_runs([experiment], "tags.`vitflow.workflow` = 'mini'", order_by=["attributes.start_time DESC"])[0]
-    assert latest.data.tags["vitflow.reused.pretrain"] == first["pretrain"].run_id
-
-    # Only the search changed: preprocessing and pre-training are reused, fine-tuning and evaluation rerun.
-    spec3, _ = load_spec(write(tmp_path, mini_spec(cifar_source, flowers_source, num_samples=3)))
-    third = WorkflowRunner(spec3).run()
-    assert [name for name, r in third.items() if not r.reused] == ["finetune", "evaluate"]
-    assert third["finetune"].model_uri == "models:/vit-finetuned/2"
-
-    # --force reruns a stage even when cached.
-    forced = WorkflowRunner(spec3, force={"evaluate"}).run()
-    assert [name for name, r in forced.items() if not r.reused] == ["evaluate"]
-
-
 def two_task_spec(cifar_source, flowers_source, cifar_lr_max: float = 0.03) -> dict:
     """The mini workflow with two downstream tasks: Flowers-17 and the CIFAR-10 subset, shared defaults."""
     data = mini_spec(cifar_source, flowers_source, num_samples=1)
@@ -95,12 +57,13 @@ def two_task_spec(cifar_source, flowers_source, cifar_lr_max: float = 0.03) -> d
 
 
 @pytest.mark.slow
-def test_two_downstream_tasks_register_two_champions_and_a_transfer_table(tmp_path, cifar_source, flowers_source,
+def test_two_tasks_register_two_champions_a_transfer_table_then_reuse_and_rerun_only_what_changed(tmp_path, cifar_source, flowers_source,
                                                                           local_ray):
     import pyarrow.parquet as pq
 
     spec, _ = load_spec(write(tmp_path, two_task_spec(cifar_source, flowers_source)))
     first = WorkflowRunner(spec).run(spec_text="x")
+    assert not any(r.reused for r in first.values())
     tasks = list(spec.finetune.tasks)  # in the spec file's order
     assert list(first)[2:] == ["pretrain", *[f"finetune:{t}" for t in tasks], *[f"evaluate:{t}" for t in tasks],
                                "predict:garden"]
@@ -109,6 +72,16 @@ def test_two_downstream_tasks_register_two_champions_and_a_transfer_table(tmp_pa
     assert first["finetune:cifar"].model_uri == "models:/vit-cifar/1"
     uri = f"sqlite:///{tmp_path / 'work' / 'mlflow.db'}"
     client = MlflowClient(uri, registry_uri=uri)
+    # One parent run per execution, a nested run per stage, the spec beside them.
+    experiment = client.get_experiment_by_name("mini").experiment_id
+    parents = client.search_runs([experiment], "tags.`vitflow.workflow` = 'mini'")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    parent = parents[0]
+    children = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert sorted(run.data.tags.get("vitflow.stage") for run in children) == sorted(
+        ["preprocess", "preprocess", "pretrain", "finetune", "finetune", "evaluate", "evaluate", "predict"])
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"spec.yaml", "resolved_spec.json"}
+    assert first["pretrain"].model_uri == "models:/vit-pretrained/1"
     for name in ("vit-flowers", "vit-cifar"):
         champion = client.get_model_version_by_alias(name, "champion")
         assert str(champion.version) == "1"
@@ -121,8 +94,6 @@ def test_two_downstream_tasks_register_two_champions_and_a_transfer_table(tmp_pa
         assert run.data.params["dataset"] == first[f"preprocess:{task.split(':')[1]}"].dataset_uri
 
     # The transfer table on the workflow's run: one row per task, as Parquet, markdown and a figure.
-    experiment = client.get_experiment_by_name("mini").experiment_id
-    parent = client.search_runs([experiment], "tags.`vitflow.workflow` = 'mini'")[0]
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "transfer")} == {
         "transfer/transfer_table.parquet", "transfer/transfer_table.md", "transfer/transfer_table.png"}
     table = pq.read_table(client.download_artifacts(parent.info.run_id, "transfer/transfer_table.parquet", str(tmp_path)))
@@ -142,16 +113,22 @@ def test_two_downstream_tasks_register_two_champions_and_a_transfer_table(tmp_pa
     assert all(row["error"] is None and len(row["top_labels"]) == 2 for row in rows)
     assert client.get_run(predicted.run_id).data.tags["mlflow.parentRunId"] == parent.info.run_id
 
-    # Again: every stage reused. Then only the cifar task's search changes: only its stages rerun.
+    # Again: every stage reused, nothing registered twice. Then only the cifar task's search changes: only
+    # its stages rerun.
     again = WorkflowRunner(spec).run()
     assert all(result.reused for result in again.values())
+    assert len(client.search_model_versions("name = 'vit-pretrained'")) == 1
+    latest = client.search_runs([experiment], "tags.`vitflow.workflow` = 'mini'", order_by=["attributes.start_time DESC"])[0]
+    assert latest.data.tags["vitflow.reused.pretrain"] == first["pretrain"].run_id
     spec3, _ = load_spec(write(tmp_path, two_task_spec(cifar_source, flowers_source, cifar_lr_max=0.02)))
     third = WorkflowRunner(spec3).run()
     assert [name for name, r in third.items() if not r.reused] == ["finetune:cifar", "evaluate:cifar"]
     assert third["predict:garden"].reused  # its model is unchanged
     assert third["finetune:cifar"].model_uri == "models:/vit-cifar/2"
     assert len(client.search_model_versions("name = 'vit-flowers'")) == 1
-    # --force finetune reruns every task's search
+    # --force reruns a stage even when cached (every task's, for a per-task stage)
+    forced = WorkflowRunner(spec3, force={"evaluate"}).run()
+    assert {name for name, r in forced.items() if not r.reused} == {"evaluate:flowers", "evaluate:cifar"}
     assert set(WorkflowRunner(spec3, force={"finetune"}).force) >= {"finetune:flowers", "finetune:cifar"}
 
 
