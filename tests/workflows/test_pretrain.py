@@ -52,18 +52,27 @@ def loss_history(uri: str, run_id: str) -> list[tuple[int, float]]:
 
 
 @pytest.mark.slow
-def test_two_workers_learn_survive_a_failure_register_and_reload(tmp_path, cifar_shards, local_ray):
-    # Rank 0 fails once at step 12: Ray Train replaces the worker group, which resumes from the step-10
-    # checkpoint (not from 0) and stops at exactly the configured 30 steps: each step is logged once.
-    # With the training pack on: a recipe (augreg-light: RandAugment, AdamW, clipping) under the section's own
-    # keys, MixUp, repeated augmentation (each image's 2 copies on the 2 ranks) and a weight EMA.
+def test_two_workers_learn_resume_after_a_failure_register_and_reload(tmp_path, cifar_shards, local_ray):
+    # Rank 0 fails once at step 12 and no restart is allowed: the run fails, its MLflow run holding steps 5
+    # and 10. Run again, it continues the same MLflow run from the step-10 checkpoint (not from 0) and stops
+    # at exactly the configured 30 steps: each step is logged once. (A worker group Ray Train replaces within
+    # one run: tests/faults/test_training_faults.py, a worker SIGKILLed; tests/workflows/test_cluster.py, a
+    # node lost.) With the training pack on: a recipe (augreg-light: RandAugment, AdamW, clipping) under the
+    # section's own keys, MixUp, repeated augmentation (each image's 2 copies on the 2 ranks) and a weight
+    # EMA, its state resumed with the rest.
     data = {**DATA, "mixup_alpha": 0.2, "repeated_augmentation": 2}
-    settings = config(tmp_path, cifar_shards, "ddp-2", fail_at_step=12, max_failures=1, data=data, recipe="augreg-light",
+    settings = config(tmp_path, cifar_shards, "ddp-2", fail_at_step=12, max_failures=0, data=data, recipe="augreg-light",
                       train={"total_steps": 30, "log_every": 5, "checkpoint_every": 10, "ema": {"decay": 0.8},
                              "optim": {"lr": 2e-3, "warmup_steps": 3, "weight_decay": 0.0}})
-    result = run_pretrain(settings)
     uri = settings.tracking.uri
+    with pytest.raises(Exception, match="fault drill"):
+        run_pretrain(settings)
     assert (tmp_path / "runs" / "ddp-2.fault-injected").is_file()  # the drill did fire
+    first = tracking.find_run(uri, "pretrain-test", {"vitflow.run_name": "ddp-2"})
+    assert [step for step, _ in loss_history(uri, first)] == [5, 10]
+    assert MlflowClient(uri).get_run(first).info.status == "FAILED"
+    result = run_pretrain(settings)
+    assert result.run_id == first  # the same MLflow run continues
     history = loss_history(uri, result.run_id)
     assert [step for step, _ in history] == [5, 10, 15, 20, 25, 30]
     assert np.mean([v for _, v in history[-2:]]) < history[0][1]  # the loss goes down
@@ -119,19 +128,6 @@ def test_two_workers_learn_survive_a_failure_register_and_reload(tmp_path, cifar
     again = run_pretrain(settings)
     assert (again.run_id, again.version) == (result.run_id, result.version)
     assert len(client.search_model_versions("name = 'vit-pretrained'")) == 1
-
-
-@pytest.mark.slow
-def test_an_interrupted_run_resumes_when_run_again(tmp_path, cifar_shards, local_ray):
-    settings = config(tmp_path, cifar_shards, "rerun", fail_at_step=12, max_failures=0, register_as=None)
-    with pytest.raises(Exception, match="fault drill"):
-        run_pretrain(settings)
-    uri = settings.tracking.uri
-    first = tracking.find_run(uri, "pretrain-test", {"vitflow.run_name": "rerun"})
-    assert [step for step, _ in loss_history(uri, first)] == [5, 10]
-    result = run_pretrain(settings)
-    assert result.run_id == first  # the same MLflow run continues
-    assert [step for step, _ in loss_history(uri, first)] == [5, 10, 15, 20, 25, 30]
 
 
 def test_configuration_errors_name_the_key(tmp_path, cifar_shards):
