@@ -65,12 +65,13 @@ def test_two_workers_learn_resume_after_a_failure_register_and_reload(tmp_path, 
                       train={"total_steps": 30, "log_every": 5, "checkpoint_every": 10, "ema": {"decay": 0.8},
                              "optim": {"lr": 2e-3, "warmup_steps": 3, "weight_decay": 0.0}})
     uri = settings.tracking.uri
+    client = MlflowClient(uri, registry_uri=uri)
     with pytest.raises(Exception, match="fault drill"):
         run_pretrain(settings)
     assert (tmp_path / "runs" / "ddp-2.fault-injected").is_file()  # the drill did fire
     first = tracking.find_run(uri, "pretrain-test", {"vitflow.run_name": "ddp-2"})
     assert [step for step, _ in loss_history(uri, first)] == [5, 10]
-    assert MlflowClient(uri).get_run(first).info.status == "FAILED"
+    assert client.get_run(first).info.status == "FAILED"
     result = run_pretrain(settings)
     assert result.run_id == first  # the same MLflow run continues
     history = loss_history(uri, result.run_id)
@@ -78,7 +79,6 @@ def test_two_workers_learn_resume_after_a_failure_register_and_reload(tmp_path, 
     assert np.mean([v for _, v in history[-2:]]) < history[0][1]  # the loss goes down
     assert result.metrics["step"] == 30 and "val/top1" in result.metrics and "val_ema/top1" in result.metrics
 
-    client = MlflowClient(uri, registry_uri=uri)
     run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["model.embed_dim"] == "48" and run.data.params["train.total_steps"] == "30"

@@ -57,8 +57,8 @@ def two_task_spec(cifar_source, flowers_source, cifar_lr_max: float = 0.03) -> d
 
 
 @pytest.mark.slow
-def test_two_tasks_register_two_champions_a_transfer_table_then_reuse_and_rerun_only_what_changed(tmp_path, cifar_source, flowers_source,
-                                                                          local_ray):
+def test_two_tasks_register_two_champions_a_transfer_table_then_reuse_and_rerun_only_what_changed(
+        tmp_path, cifar_source, flowers_source, local_ray):
     import pyarrow.parquet as pq
 
     spec, _ = load_spec(write(tmp_path, two_task_spec(cifar_source, flowers_source)))
