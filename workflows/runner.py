@@ -1,7 +1,8 @@
 """Runs a workflow spec: stages in dependency order on Ray, cached by fingerprint, resumable, tracked.
 
     preprocess:<corpus> (parallel Ray tasks) -> pretrain (Ray Train) -> finetune (Ray Tune) -> evaluate
-        -> predict:<name> (Ray Data)        with finetune.tasks: finetune:<task> and evaluate:<task> per task
+        -> predict:<name> (Ray Data)        with finetune.tasks: finetune:<task> and evaluate:<task> per task,
+                                            the tasks' searches at the same time (workflows.compute.searches)
 
 - Every execution is one MLflow parent run; each stage is a nested run tagged with its fingerprint.
 - A stage's fingerprint hashes its configuration, its inputs' fingerprints (corpus listing, dataset
@@ -122,9 +123,10 @@ class WorkflowRunner:
         address = self.spec.ray.address or os.environ.get("RAY_ADDRESS")  # RAY_ADDRESS: a Ray Jobs driver
         self.preflight(ray_address=None if ray.is_initialized() else address)
         self.workdir.mkdir(parents=True, exist_ok=True)
+        # Slots for the trial drivers of multi-worker trials: the downstream tasks' searches run at once.
+        concurrency = max(sum(s.search.max_concurrent_trials for s in self.spec.finetune_stages().values()), 1)
         # The workflow's own Ray (and driver lock) unless it names a cluster: a rerun after a killed driver
         # first stops what that driver's Ray left behind.
-        concurrency = max([s.search.max_concurrent_trials for s in self.spec.finetune_stages().values()], default=1)
         with embedded_ray(self.workdir, address=address, num_cpus=self.spec.ray.num_cpus,
                           resources={TRIAL_DRIVER_RESOURCE: concurrency}):
             return self._run_tracked(spec_text)
@@ -150,8 +152,14 @@ class WorkflowRunner:
         status = "FAILED"
         try:
             self._preprocess_all()
-            for stage in training_stages(self.spec):
-                self._run_stage(stage)
+            stages = training_stages(self.spec)
+            while stages:  # in order; the searches of several downstream tasks at once
+                batch = [s for s in stages if s.search] if stages[0].search else stages[:1]
+                if len(batch) > 1:
+                    self._run_searches(batch)
+                else:
+                    self._run_stage(batch[0])
+                stages = [s for s in stages if s not in batch]
             if len(self.spec.finetune_stages()) > 1:
                 self._log_transfer_table()
             for name in self.spec.predict:
@@ -223,7 +231,8 @@ class WorkflowRunner:
         tracking.log_params(self.tracking_uri, run_id, params)
         return run_id
 
-    def _run_stage(self, stage: TrainingStage) -> StageResult:
+    def _prepare(self, stage: TrainingStage) -> tuple[str, StageInputs] | None:
+        """The stage's fingerprint and inputs; None when a finished run with that fingerprint is reused."""
         section = stage.section
         dataset = self.results[f"preprocess:{stage.dataset}"]
         inputs: list[Any] = [dataset.dataset_fingerprint]
@@ -231,19 +240,58 @@ class WorkflowRunner:
             inputs.append(stage.model or self.results[stage.model_from].model_uri)
         stage_fp = fingerprint(stage.name, section.model_dump(mode="json"), inputs, self.code)
         if self._reused(stage.name, stage_fp):
-            return self.results[stage.name]
-        self.on_event(stage.name, "running", "")
-        given = StageInputs(
+            return None
+        return stage_fp, StageInputs(
             name=self.cache.run_name(self.spec.name, stage.name.replace(":", "-"), stage_fp), fingerprint=stage_fp,
             dataset=dataset, model=inputs[1] if stage.takes_model else None, parent_run_id=self.parent,
-            storage_path=self.storage_path, tracking=self.spec.tracking.model_copy(update={"uri": self.tracking_uri}),
-            callbacks=tuple(self.search_callbacks(stage.name, section)) if stage.search else ())
+            storage_path=self.storage_path, tracking=self.spec.tracking.model_copy(update={"uri": self.tracking_uri}))
+
+    def _run_stage(self, stage: TrainingStage) -> StageResult:
+        prepared = self._prepare(stage)
+        if prepared is None:
+            return self.results[stage.name]
+        stage_fp, given = prepared
+        self.on_event(stage.name, "running", "")
+        if stage.search:
+            given = dataclasses.replace(given, callbacks=tuple(self.search_callbacks(stage.name, stage.section)))
         try:
-            result = stage.run(section, given)
+            result = stage.run(stage.section, given)
         except Exception:
             self.on_event(stage.name, "failed", "")
             raise
         return self._finish(stage.name, stage_fp, dataclasses.replace(result, stage=stage.name))
+
+    def _run_searches(self, stages: list[TrainingStage]) -> None:
+        """The searches of several downstream tasks, at the same time on the shared Ray (each in a Ray task
+        of its own: see ``workflows.compute.searches``), their trials shown as they come. A failed search
+        does not stop the others; their results are kept (cached) before the first failure is raised."""
+        from workflows.compute.searches import run_concurrently
+
+        prepared = {stage.name: (stage, *p) for stage in stages if (p := self._prepare(stage)) is not None}
+        if len(prepared) < 2:  # the others were reused
+            for stage, _, _ in prepared.values():
+                self._run_stage(stage)
+            return
+        for name in prepared:
+            self.on_event(name, "running", "")
+
+        def done(name: str, outcome) -> None:
+            stage, stage_fp, _ = prepared[name]
+            if outcome.error is None:
+                self._finish(name, stage_fp, dataclasses.replace(outcome.value, stage=name))
+            else:
+                self.on_event(name, "failed", f"{type(outcome.error).__name__}: {outcome.error}")
+
+        outcomes = run_concurrently(
+            {name: (_search_in_task, (stage.run, stage.section, given)) for name, (stage, _, given) in prepared.items()},
+            {name: tuple(self.search_callbacks(name, stage.section)) for name, (stage, _, _) in prepared.items()},
+            on_done=done)
+        # the results in the spec's order, whichever search ended first
+        order = list(self.stages)
+        self.results = dict(sorted(self.results.items(), key=lambda item: order.index(item[0])))
+        failed = [outcomes[name].error for name in prepared if outcomes[name].error is not None]
+        if failed:
+            raise failed[0]
 
     def _run_predict(self, name: str) -> StageResult:
         from workflows.stages import predict
@@ -277,3 +325,9 @@ class WorkflowRunner:
             tracking.log_artifacts(self.tracking_uri, self.parent, files, "transfer")
         tracking.log_metrics(self.tracking_uri, self.parent, {
             f"transfer/{row['task']}/test_top1": row["test_top1"] for row in rows if row["test_top1"] is not None})
+
+
+def _search_in_task(run: Callable[[Any, StageInputs], StageResult], section: Any, given: StageInputs,
+                    relay: Any) -> StageResult:
+    """A search stage in its own Ray task, its trial events relayed to the driver's view."""
+    return run(section, dataclasses.replace(given, callbacks=(relay,)))

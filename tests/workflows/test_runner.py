@@ -6,7 +6,9 @@ from __future__ import annotations
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
+from ray import tune
 
+from vit.data import read_dataset_index
 from workflows.runner import WorkflowRunner
 from workflows.spec import SpecError, load_spec, parse_spec
 from workflows.stages.preflight import PreflightError
@@ -56,13 +58,33 @@ def two_task_spec(cifar_source, flowers_source, cifar_lr_max: float = 0.03) -> d
     return data
 
 
+class TrialEvents(tune.Callback):
+    """A view of a search that writes down (stage, hook, trial id) of every trial event it is given."""
+
+    def __init__(self, stage: str, seen: list):
+        self.stage, self.seen = stage, seen
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.seen.append((self.stage, "on_trial_start", trial.trial_id))
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        assert result["step"] >= 1 and trial.trial_id in {t.trial_id for t in trials}
+        self.seen.append((self.stage, "on_trial_result", trial.trial_id))
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.seen.append((self.stage, "on_trial_complete", trial.trial_id))
+
+
 @pytest.mark.slow
 def test_two_tasks_register_two_champions_a_transfer_table_then_reuse_and_rerun_only_what_changed(
         tmp_path, cifar_source, flowers_source, local_ray):
     import pyarrow.parquet as pq
 
     spec, _ = load_spec(write(tmp_path, two_task_spec(cifar_source, flowers_source)))
-    first = WorkflowRunner(spec).run(spec_text="x")
+    runner = WorkflowRunner(spec)
+    seen = []  # what the driver's view of each search is told (their trials run in the searches' own tasks)
+    runner.search_callbacks = lambda stage, section: [TrialEvents(stage, seen)]
+    first = runner.run(spec_text="x")
     assert not any(r.reused for r in first.values())
     tasks = list(spec.finetune.tasks)  # in the spec file's order
     assert list(first)[2:] == ["pretrain", *[f"finetune:{t}" for t in tasks], *[f"evaluate:{t}" for t in tasks],
@@ -86,6 +108,22 @@ def test_two_tasks_register_two_champions_a_transfer_table_then_reuse_and_rerun_
         champion = client.get_model_version_by_alias(name, "champion")
         assert str(champion.version) == "1"
         assert champion.tags["pretrained_model"] == "models:/vit-pretrained/1"
+    # The two searches ran at the same time, sharing the local Ray: each began before the other ended.
+    searches = [client.get_run(first[f"finetune:{t}"].run_id).info for t in tasks]
+    assert max(run.start_time for run in searches) < min(run.end_time for run in searches)
+    # Each search's trials trained its own task (the searches' trainables do not take each other's place).
+    classes = {task: read_dataset_index(first[f"preprocess:{task}"].dataset_uri).num_classes for task in tasks}
+    assert classes["flowers"] != classes["cifar"]
+    for task in tasks:
+        search_id = first[f"finetune:{task}"].run_id
+        trials = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{search_id}'")
+        assert len(trials) == 1 and trials[0].data.params["model.num_classes"] == str(classes[task])
+        assert trials[0].data.tags["vitflow.search_run_id"] == search_id
+    # Each search's trial events reached the driver's view, as Tune gives them: started, results, ended.
+    for task in tasks:
+        events = [(hook, trial) for stage, hook, trial in seen if stage == f"finetune:{task}"]
+        assert [hook for hook, _ in events][0] == "on_trial_start" and events[-1][0] == "on_trial_complete"
+        assert "on_trial_result" in {hook for hook, _ in events} and len({trial for _, trial in events}) == 1
     # each task's model is evaluated on its own dataset's test split
     evaluations = {r.stage: r for r in first.values() if r.stage.startswith("evaluate:")}
     for task, evaluation in evaluations.items():

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import statistics
 import tempfile
 from collections.abc import Sequence
@@ -277,6 +278,11 @@ def _search(config: FinetuneSearchConfig, pretrained, teacher: TeacherWeights | 
         "search_run_id": search_run_id,
     }
     trainable = tune.with_resources(tune.with_parameters(run_trial, shared=shared), _trial_resources(config.resources))
+    # Tune registers a trainable under its name in the Ray job's registry, where its trials' processes look
+    # it up: concurrent searches of one job (a workflow's downstream tasks) would take each other's under
+    # the shared name "run_trial". The search's own (deterministic) name keeps it its own, and a restore
+    # finds the name it saved.
+    trainable.__name__ = "run_trial_" + re.sub(r"[^A-Za-z0-9_.-]", "_", config.name)
     storage = absolute_uri(config.storage_path)
     path = f"{storage.rstrip('/')}/{config.name}"
     stored = ray_storage(path)
