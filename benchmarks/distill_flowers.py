@@ -13,6 +13,8 @@ without a teacher (the same seeds: a paired difference).
 
     python -m benchmarks.distill_flowers --pretrained models:/vit-pretrained/2 \
         --tracking-uri sqlite:///benchmarks/.work/pretrain_cifar10/mlflow.db
+    python -m benchmarks.distill_flowers --pretrained-checkpoint \
+        benchmarks/.work/recipes_cifar10/checkpoints/baseline/step-7660   # a recipe benchmark's model
     python -m benchmarks.distill_flowers --smoke   # a random "pre-trained" model, a few steps: checks the script
 """
 
@@ -57,6 +59,10 @@ def finetune(source_state, source_config, shards: Path, size: int, num_classes: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pretrained", help="a registered pre-trained model (benchmarks/pretrain_cifar10.py makes one)")
+    parser.add_argument("--pretrained-checkpoint", type=Path,
+                        help="instead of --pretrained: a training checkpoint folder of vit.loop.fit, e.g. "
+                             "benchmarks/recipes_cifar10.py's (benchmarks/.work/recipes_cifar10/checkpoints/ARM/step-N); "
+                             "its raw weights, normalised with CIFAR-10's mean and std as that script trains")
     parser.add_argument("--tracking-uri", default=f"sqlite:///{REPO / 'benchmarks/.work/pretrain_cifar10/mlflow.db'}")
     parser.add_argument("--teacher-size", type=int, default=64)
     parser.add_argument("--student-size", type=int, default=32)
@@ -80,9 +86,16 @@ def main() -> None:
     if args.smoke:
         source_config = decode_variant("Ti/4", image_size=32, num_classes=10, embed_dim=48, depth=2, num_heads=3)
         source_state, mean, std = VisionTransformer(source_config).state_dict(), (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
+    elif args.pretrained_checkpoint:
+        from benchmarks.recipes_cifar10 import CIFAR_MEAN, CIFAR_STD
+        from vit.checkpoint import model_from_checkpoint
+
+        source = model_from_checkpoint(args.pretrained_checkpoint)
+        source_config, source_state, mean, std = source.config, source.state_dict(), CIFAR_MEAN, CIFAR_STD
     else:
         if not args.pretrained:
-            parser.error("--pretrained is required (run benchmarks/pretrain_cifar10.py first), or use --smoke")
+            parser.error("--pretrained (or --pretrained-checkpoint) is required (run benchmarks/pretrain_cifar10.py "
+                         "first), or use --smoke")
         from workflows.tracking import load_plain_model
 
         plain = load_plain_model(args.tracking_uri, args.pretrained)
