@@ -1,13 +1,14 @@
 """Several Ray Tune searches at once, sharing the cluster: the downstream tasks of a workflow.
 
-One Tune ``Tuner`` drives one search, and a process drives at most one ``Tuner`` (Tune keeps per-process
-state: its experiment registry, signal handlers, the output context), so each concurrent search runs in a
-Ray task of its own (``num_cpus=0``: it only schedules trials; its trials ask for the CPUs and GPUs).
-What Tune lacks, and this module adds, is the road back for the driver's view of each search: Tune
-callbacks run where the ``Tuner`` runs. :class:`SearchRelay` is the callback in the search's task; it sends
-each trial event (start, result, completion, error) with plain snapshots of the trials (:class:`TrialView`:
-id, config, status, error file, which is what a view reads) through a Ray queue, and :func:`replay` calls the
-driver's own callbacks (e.g. ``workflows.cli.live.SearchProgress``) with them.
+One Tune ``Tuner`` drives one search, and Tune is not made for two in one process (it keeps
+process-wide state: the trainable registry, its SIGINT handler, the output context), so each concurrent
+search runs in a Ray task of its own (``num_cpus=0``: it only schedules trials; its trials ask for the CPUs
+and GPUs), on the driver's node, where a single search's ``Tuner`` would run. What Tune lacks, and this
+module adds, is the road back for the driver's view of each search, since Tune callbacks run where the
+``Tuner`` runs: :class:`SearchRelay` is the callback in the search's task; it sends each trial event
+(start, result, completion, error) with plain snapshots of the trials (:class:`TrialView`: id, config,
+status, error file, which is what a view reads) through a Ray queue, and :func:`replay` calls the driver's
+own callbacks (e.g. ``workflows.cli.live.SearchProgress``) with them.
 
 One rule for the searches themselves: Tune registers a trainable under its name in the Ray job's registry,
 and the trials' processes look it up there, so searches running at once in one job must give their
@@ -108,9 +109,13 @@ def run_concurrently(searches: Mapping[str, tuple[Callable[..., Any], tuple]],
     import ray
     from ray.exceptions import RayTaskError
     from ray.util.queue import Empty, Queue
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    queue = Queue(actor_options={"num_cpus": 0})
-    run = ray.remote(num_cpus=0, max_retries=0)(_in_task)
+    # On this driver's node, as one search's Tune driver would be: the searches' experiment state is written
+    # where a rerun's driver looks for it (a local storage path stays on this node's disk).
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
+    run = ray.remote(num_cpus=0, max_retries=0, scheduling_strategy=here)(_in_task)
     # the relay is made in the task: pickled, it would arrive as the do-nothing callback (see __reduce__)
     pending = {run.options(name=f"search:{name}").remote(function, args, queue, name): name
                for name, (function, args) in searches.items()}
