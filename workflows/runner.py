@@ -248,9 +248,9 @@ class WorkflowRunner:
 
     def _run_stage(self, stage: TrainingStage) -> StageResult:
         prepared = self._prepare(stage)
-        if prepared is None:
-            return self.results[stage.name]
-        stage_fp, given = prepared
+        return self.results[stage.name] if prepared is None else self._run_prepared(stage, *prepared)
+
+    def _run_prepared(self, stage: TrainingStage, stage_fp: str, given: StageInputs) -> StageResult:
         self.on_event(stage.name, "running", "")
         if stage.search:
             given = dataclasses.replace(given, callbacks=tuple(self.search_callbacks(stage.name, stage.section)))
@@ -269,8 +269,8 @@ class WorkflowRunner:
 
         prepared = {stage.name: (stage, *p) for stage in stages if (p := self._prepare(stage)) is not None}
         if len(prepared) < 2:  # the others were reused
-            for stage, _, _ in prepared.values():
-                self._run_stage(stage)
+            for stage, stage_fp, given in prepared.values():
+                self._run_prepared(stage, stage_fp, given)
             return
         for name in prepared:
             self.on_event(name, "running", "")
