@@ -1,6 +1,7 @@
 """The workflow driver (`vitflow run`) SIGKILLed mid-stage, then the same workflow run again: it finishes,
-reuses the finished stages, resumes pre-training from its checkpoint and the search from its Tune state,
-registers exactly one model version, and leaves no Ray process behind. Real processes, real kills."""
+reuses the finished stages, resumes pre-training from its checkpoint and two concurrent searches each from
+its own Tune state, registers exactly one model version per name, and leaves no Ray process behind. Real
+processes, real kills."""
 
 from __future__ import annotations
 
@@ -95,21 +96,27 @@ def test_a_killed_workflow_resumes_pretraining_and_registers_one_version(tmp_pat
           f"metric {recovery_s:.0f} s after the kill (the rerun started at once); one vit-pretrained version")
 
 
-def test_a_killed_search_resumes_with_its_finished_trials(tmp_path, flowers_source):
+def test_killed_concurrent_searches_resume_each_with_its_finished_trials(tmp_path, flowers_source):
+    """Two downstream tasks, their searches running at the same time (each in a Ray task of its own,
+    ``workflows.compute.searches``): the driver is killed once a trial has finished; the rerun resumes each
+    search from its own Tune state into its own MLflow run. (One task's search runs the same stage code in the
+    driver itself; the kill's mechanics for a single stage are the pre-training test's above.)"""
     pretrained = tmp_path / "pretrained"
     pretrained.mkdir()
     model = VisionTransformer(ViTConfig(image_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=10))
     write_model_files(pretrained, model, [str(i) for i in range(10)], {"mean": NORM["mean"], "std": NORM["std"]})
-    num_samples = 6  # trials finish in seconds: enough of them that the search is still going at the kill
+    num_samples = 4  # per search; trials finish in seconds: enough that the searches are still going at the kill
+    tasks = ["flowers", "garden"]
     spec = tmp_path / "spec.yaml"
     spec.write_text(yaml.safe_dump({
         "name": "search", "workdir": "work", "tracking": {"experiment": "search"}, "ray": {"num_cpus": 2},
         "preprocess": {"flowers": {"source": str(flowers_source), "config": {"max_size": 64, "val_fraction": 0.25, "max_shard_samples": 24}}},
-        "finetune": {"dataset": "flowers", "pretrained": str(pretrained),
+        "finetune": {"pretrained": str(pretrained),
                      "data": {"batch_size": 16, "num_workers": 0, **NORM},
                      "train": {"total_steps": 12, "log_every": 3, "eval_every": 6, "checkpoint_every": 6},
                      "search": {"image_size": [32, 48], "lr": {"min": 0.003, "max": 0.03}, "num_samples": num_samples,
-                                "max_concurrent_trials": 2}},
+                                "max_concurrent_trials": 1},
+                     "tasks": {task: {"dataset": "flowers"} for task in tasks}},
     }))
     workdir = tmp_path / "work"
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
@@ -119,25 +126,27 @@ def test_a_killed_search_resumes_with_its_finished_trials(tmp_path, flowers_sour
         return [r for r in runs_of(uri, "search", "tags.`vitflow.stage` = 'finetune-trial'") if r.info.status == "FINISHED"]
 
     try:
-        # A trial's run is FINISHED as it reports its last result (not when the search ends): kill at the first.
+        # A trial's run is FINISHED as it reports its last result (not when the search ends): kill at the first,
+        # once both searches have saved their state.
         wait_for(finished_trials, 900, "a finished trial", every_s=0.25)
-        wait_for(lambda: list((workdir / "runs").glob("search-finetune-*/experiment_state-*.json")), 120,
-                 "the search's saved state", every_s=0.5)
+        wait_for(lambda: all(list((workdir / "runs").glob(f"search-finetune-{task}-*/experiment_state-*.json"))
+                             for task in tasks), 120, "both searches' saved state", every_s=0.5)
     finally:
         killed_at = sigkill(driver)
     done_before = {r.data.tags["vitflow.trial_id"] for r in finished_trials()}
-    assert len(done_before) < num_samples, "the search ended before the kill: nothing left to resume"
+    assert len(done_before) < 2 * num_samples, "the searches ended before the kill: nothing left to resume"
 
     rerun = vitflow("run", str(spec), cwd=tmp_path, timeout_s=900)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert "preprocess:flowers: reused" in rerun.stdout, rerun.stdout
     client = MlflowClient(uri, registry_uri=uri)
     searches = runs_of(uri, "search", "tags.`vitflow.stage` = 'finetune'")
-    assert len(searches) == 1 and searches[0].info.status == "FINISHED"  # the same search run, resumed
+    assert len(searches) == 2 and all(s.info.status == "FINISHED" for s in searches)  # the same two runs, resumed
     trials = runs_of(uri, "search", "tags.`vitflow.stage` = 'finetune-trial'")
-    assert len(trials) == num_samples  # one child run per trial: none duplicated, none lost
-    assert {r.data.tags["mlflow.parentRunId"] for r in trials} == {searches[0].info.run_id}
-    assert all(r.info.status == "FINISHED" for r in trials)
+    for search in searches:  # one child run per trial of each search: none duplicated, none lost, none swapped
+        own = [r for r in trials if r.data.tags["mlflow.parentRunId"] == search.info.run_id]
+        assert len(own) == num_samples, (search.info.run_name, len(own))
+    assert len(trials) == 2 * num_samples and all(r.info.status == "FINISHED" for r in trials)
     for run in trials:
         steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/loss"))
         if run.data.tags["vitflow.trial_id"] in done_before:  # finished before the kill: not trained again
@@ -145,7 +154,9 @@ def test_a_killed_search_resumes_with_its_finished_trials(tmp_path, flowers_sour
             assert all(m.timestamp / 1000 <= killed_at for m in client.get_metric_history(run.info.run_id, "train/loss"))
         else:  # a trial cut short resumes from its checkpoint: steps after it may be logged twice, none missing
             assert set(steps) == {3, 6, 9, 12}, steps
-    assert len(client.search_model_versions("name = 'vit-finetuned'")) == 1
+    for task in tasks:  # each task's one model version, under its own name
+        assert len(client.search_model_versions(f"name = 'vit-{task}'")) == 1
     assert processes_under(temp_root(workdir)) == []
-    print(f"\nRELIABILITY driver SIGKILL (search): {len(done_before)} of {num_samples} trials had finished; the rerun "
-          f"kept them and ran the other {num_samples - len(done_before)}; {len(trials)} trial runs, one vit-finetuned version")
+    print(f"\nRELIABILITY driver SIGKILL (two concurrent searches): {len(done_before)} of {2 * num_samples} trials had "
+          f"finished; the rerun kept them and ran the other {2 * num_samples - len(done_before)}; {len(trials)} trial "
+          "runs, one version each of vit-flowers and vit-garden")
