@@ -154,6 +154,8 @@ def test_killed_concurrent_searches_resume_each_with_its_finished_trials(tmp_pat
             assert all(m.timestamp / 1000 <= killed_at for m in client.get_metric_history(run.info.run_id, "train/loss"))
         else:  # a trial cut short resumes from its checkpoint: steps after it may be logged twice, none missing
             assert set(steps) == {3, 6, 9, 12}, steps
+    for trial_id in {r.data.tags["vitflow.trial_id"] for r in trials} - done_before:  # resumed: shown on the console
+        assert f"trial {trial_id} " in rerun.stdout, rerun.stdout[-3000:]
     for task in tasks:  # each task's one model version, under its own name
         assert len(client.search_model_versions(f"name = 'vit-{task}'")) == 1
     assert processes_under(temp_root(workdir)) == []

@@ -292,6 +292,10 @@ def _search(config: FinetuneSearchConfig, pretrained, teacher: TeacherWeights | 
         log.info("resuming search %s from %s", config.name, path)
         tuner = Tuner.restore(stored["storage_path"], trainable=trainable, resume_unfinished=True, resume_errored=False,
                               storage_filesystem=stored.get("storage_filesystem"))
+        # A restored search gets the run config it saved, whose callbacks were pickled as no-ops (the console's
+        # view holds a terminal, the relay a queue of a run gone): this run's own callbacks instead. Tune has
+        # no public way to pass them to a restore (ray-project/ray#41364); an AttributeError here says Ray moved it.
+        tuner._local_tuner.get_run_config().callbacks = list(callbacks)
     else:
         tuner = Tuner(
             trainable,
