@@ -166,7 +166,7 @@ class PredictConfig(BaseModel):
     out: str = Field(..., description="the Parquet file to write: a path or an object-store URI")
     batch_size: int | None = Field(None, ge=1, description="images per forward pass; None: sized to memory")
     actors: int | None = Field(None, ge=1, description="model copies classifying in parallel; None: one per GPU, "
-                                                        "else one per 2 CPUs")
+                                                        "else one per CPU (each reading its own images)")
     top_k: int = Field(5, ge=1)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     tracking: Tracking = Tracking()

@@ -14,6 +14,8 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.storage import StorageError
 from tests.cli import run_vitflow
+from workflows import tracking
+from workflows.compute import predict
 from workflows.configs import PredictConfig
 from workflows.stages.predict import run_predict
 
@@ -98,9 +100,20 @@ def test_a_folder_gives_one_row_per_file_and_a_reason_for_each_bad_one(registere
     assert run.data.metrics["images"] == 10 and run.data.metrics["bad_images"] == 4
     assert run.data.metrics["images_per_s"] > 0
     stats = client.download_artifacts(result.run_id, "predict/ray_data_stats.txt", str(tmp_path))
-    assert "MapBatches(read_and_prepare)" in open(stats).read() and "MapBatches(Classify)" in open(stats).read()
+    assert "MapBatches(ReadAndClassify)" in open(stats).read()  # on CPUs the actors read their own images
     source_run = client.get_model_version("vit-flowers", registered["version"]).run_id
     assert run.data.tags["mlflow.parentRunId"] == source_run
+
+    # The arrangement the plan picks with GPUs, here on CPUs: reading tasks beside the actors. The same rows.
+    plain = tracking.load_plain_model(registered["uri"], result.model_uri)
+    split = predict.predict(predict.list_inputs(str(root)), plain, result.model_uri, str(tmp_path / "split.parquet"),
+                            batch_size=4, actors=1, cpus_per_actor=0.5, threads=1, readers=1, read_in_actors=False)
+    assert (split.images, split.bad) == (10, 4)
+    assert "MapBatches(read_and_prepare)" in split.ray_data_stats and "MapBatches(Classify)" in split.ray_data_stats
+    fused, apart = pq.read_table(out).to_pylist(), pq.read_table(tmp_path / "split.parquet").to_pylist()
+    assert [(r["source"], r["label"], r["error"]) for r in apart] == [(r["source"], r["label"], r["error"]) for r in fused]
+    for row, other in zip(apart, fused):
+        assert row["score"] == pytest.approx(other["score"], abs=1e-5)
 
 
 def test_a_table_of_image_bytes_and_a_shard_set(registered, local_ray, tmp_path, flowers_shards):
@@ -145,3 +158,15 @@ def test_what_cannot_be_predicted_or_written_is_refused_before_any_work(register
     with pytest.raises(ValueError, match="vit-nothing"):
         run_predict(config(registered, root, tmp_path / "p.parquet").model_copy(update={"model": "models:/vit-nothing@champion"}))
     assert not (tmp_path / "p.parquet").exists()
+
+
+def test_on_cpus_the_plan_gives_each_cpu_an_actor_that_reads_its_own_images(registered, local_ray):
+    import ray
+
+    cpus = int(ray.cluster_resources()["CPU"])
+    config = tracking.load_plain_model(registered["uri"], "models:/vit-flowers@champion").config
+    plan = predict.plan(config, batch_size=None, actors=None)
+    assert (plan.actors, plan.threads, plan.cpus_per_actor, plan.gpus_per_actor) == (cpus, 1, 1.0, 0.0)
+    assert plan.read_in_actors and 1 <= plan.batch_size <= predict.CPU_BATCH_LIMIT
+    one = predict.plan(config, batch_size=8, actors=1)  # one copy: every CPU its thread
+    assert (one.actors, one.threads, one.cpus_per_actor, one.batch_size) == (1, cpus, cpus, 8)

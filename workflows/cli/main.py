@@ -470,7 +470,7 @@ def predict(
     source: str = typer.Argument(..., help="an image folder, a Parquet or manifest table, or shards (path or URI)"),
     out: str = typer.Argument(..., help="the Parquet file to write (path or URI): one row per image"),
     batch_size: int | None = typer.Option(None, min=1, help="images per forward pass (default: sized to memory)"),
-    actors: int | None = typer.Option(None, min=1, help="model copies (default: one per GPU, else one per 2 CPUs)"),
+    actors: int | None = typer.Option(None, min=1, help="model copies (default: one per GPU, else one per CPU)"),
     top_k: int = typer.Option(5, min=1, help="class names and probabilities kept per image"),
     precision: str = typer.Option("auto", help="auto (bf16 where the hardware has it), fp32, bf16, fp16 (CUDA)"),
     tracking_uri: str | None = typer.Option(None, help="MLflow tracking URI (default: ./mlflow.db)"),

@@ -4,12 +4,20 @@ Inputs, local or on an object store: an image folder (every image file under it,
 folders are not needed), a Parquet table of image bytes or a manifest table of paths (as ``vitflow
 shard`` reads them: ``pipeline.sources``), or a shard set written by ``vitflow shard`` (``dataset.json``).
 
-Ray Data runs the work as a stream. Reading tasks fetch the bytes and prepare each image (decode, resize,
-centre crop as the model was evaluated: ``vit.inference.ImagePreparer``; CPU work, spread over the
-cluster); an actor pool classifies them (each actor holds the model once, on a GPU when it has one, in
-batches sized to memory: ``vit.inference.batch_size_for``); the driver writes rows in input order to one
-Parquet file as they arrive and publishes it whole at the end. A bad image is a row with its reason
-(``error``), never a failed run.
+Ray Data runs the work as a stream through an actor pool; each actor holds the model once and classifies in
+batches sized to memory (``vit.inference.batch_size_for``). Each image is prepared (decoded, resized and
+centre-cropped as the model was evaluated: ``vit.inference.ImagePreparer``) before it is classified, in one
+of two arrangements (``Plan.read_in_actors``):
+
+- with GPUs, reading tasks fetch and prepare the images on the CPUs while the actors classify on the GPUs;
+- on CPUs only, each actor reads, prepares and classifies its own share, one torch thread per actor and one
+  actor per CPU. Measured on 2 cores (``benchmarks/predict_throughput.py``, docs/BENCHMARKS.md): a model
+  runs faster as two single-threaded processes than as one process of two threads (ViT-Ti/16 at 224 px,
+  fp32, AMD EPYC: 52.8 vs 43.8 img/s), and a reading task beside a multi-threaded actor stalls the actor's
+  threads; only small output rows cross between processes, not prepared images.
+
+The driver writes rows in input order to one Parquet file as they arrive and publishes it whole at the end.
+A bad image is a row with its reason (``error``), never a failed run.
 
 What Ray Data lacks and this module adds: listing the three kinds of input as the pipeline reads them, the
 model's own preprocessing, and a single Parquet file published whole (``pipeline.storage.Location``) rather
@@ -178,6 +186,7 @@ class Classify:
         self.model_uri = model_uri
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        """A batch of prepared images (``read_and_prepare``'s rows) -> one output row each."""
         import torch
 
         errors = [None if error is None or error != error else str(error) for error in batch["error"]]  # NaN: none
@@ -196,6 +205,19 @@ class Classify:
             schema=OUTPUT_SCHEMA)
 
 
+class ReadAndClassify(Classify):
+    """A Ray Data actor that reads and prepares its own batches of read units, then classifies them: on CPUs,
+    where a separate reading task would take cores from the model (``Plan.read_in_actors``)."""
+
+    def __init__(self, *, kind: str, source, preprocessing: dict, image_size: int, **classify):
+        super().__init__(**classify)
+        self.read = {"kind": kind, "source": source, "preprocessing": preprocessing, "image_size": image_size}
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        """A batch of read units -> one output row per image they hold."""
+        return super().__call__(read_and_prepare(batch, **self.read))
+
+
 @dataclass(frozen=True)
 class PredictStats:
     images: int  # rows written
@@ -212,11 +234,12 @@ class PredictStats:
 
 def predict(listing: Listing, model, model_uri: str, out: str, *, batch_size: int, actors: int = 1,
             gpus_per_actor: float = 0.0, cpus_per_actor: float = 1.0, precision: str = "auto", top_k: int = 5,
-            read_batch: int = 32, threads: int = 0, readers: int = 0,
+            read_batch: int = 32, threads: int = 0, readers: int = 0, read_in_actors: bool = False,
             progress: Callable[[int], None] | None = None) -> PredictStats:
     """Classify every image of ``listing`` with ``model`` (a ``workflows.tracking.PlainModel``) on the Ray
     this process is connected to; write the rows to ``out`` (a Parquet file, local or object store).
-    ``progress(rows)`` is called as rows are written."""
+    ``read_in_actors``: the actors read and prepare their own images (else reading tasks do, ``readers`` at
+    once). ``progress(rows)`` is called as rows are written."""
     import ray
 
     context = ray.data.DataContext.get_current()
@@ -225,18 +248,24 @@ def predict(listing: Listing, model, model_uri: str, out: str, *, batch_size: in
     started = time.monotonic()
     image_size = model.config.image_size[0]
     dataset = ray.data.from_items(listing.units, override_num_blocks=max(1, min(len(listing.units), 4 * actors * 8)))
-    # Reading runs as tasks of their own (half a CPU each, so they are not fused into the actors: reading
-    # and classifying overlap, and the reads spread over the cluster).
-    dataset = dataset.map_batches(
-        read_and_prepare, batch_size=1 if listing.kind == "shards" else read_batch, num_cpus=READ_CPUS,
-        compute=ray.data.TaskPoolStrategy(size=readers or None),
-        fn_kwargs={"kind": listing.kind, "source": listing.source, "preprocessing": model.preprocessing,
-                   "image_size": image_size})
-    dataset = dataset.map_batches(
-        Classify, batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=cpus_per_actor,
-        num_gpus=gpus_per_actor,
-        fn_constructor_kwargs={"model": [ray.put(model)], "model_uri": model_uri, "precision": precision,
-                               "top_k": top_k, "batch_size": batch_size, "threads": threads})
+    reading = {"kind": listing.kind, "source": listing.source, "preprocessing": model.preprocessing,
+               "image_size": image_size}
+    units_per_read = 1 if listing.kind == "shards" else None  # a shard is one unit of many images
+    classify = {"model": [ray.put(model)], "model_uri": model_uri, "precision": precision, "top_k": top_k,
+                "batch_size": batch_size, "threads": threads}
+    if read_in_actors:
+        dataset = dataset.map_batches(
+            ReadAndClassify, batch_size=units_per_read or batch_size, compute=ray.data.ActorPoolStrategy(size=actors),
+            num_cpus=cpus_per_actor, num_gpus=gpus_per_actor, fn_constructor_kwargs={**reading, **classify})
+    else:
+        # Reading runs as tasks of their own (half a CPU each, so they are not fused into the actors: reading
+        # and classifying overlap, and the reads spread over the cluster).
+        dataset = dataset.map_batches(
+            read_and_prepare, batch_size=units_per_read or read_batch, num_cpus=READ_CPUS,
+            compute=ray.data.TaskPoolStrategy(size=readers or None), fn_kwargs=reading)
+        dataset = dataset.map_batches(
+            Classify, batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=cpus_per_actor,
+            num_gpus=gpus_per_actor, fn_constructor_kwargs=classify)
     written = bad = 0
     target = Location(out)
     with target.writing() as scratch, pq.ParquetWriter(str(scratch), OUTPUT_SCHEMA) as writer:
@@ -268,18 +297,19 @@ class Plan:
     gpus_per_actor: float
     cpus_per_actor: float
     threads: int  # torch threads an actor uses (0: as Ray sets them)
-    readers: int  # reading tasks at once (0: as many as Ray's CPUs allow)
+    readers: int  # reading tasks at once (0: as many as Ray's CPUs allow; none where the actors read)
+    read_in_actors: bool  # the actors read and prepare their own images (CPUs only)
 
 
 def plan(config, *, batch_size: int | None, actors: int | None) -> Plan:
     """How to spread the work over the Ray this process is connected to, and size its batches.
 
-    On GPUs: one actor per GPU, the CPUs reading. On CPUs: one actor per 2 CPUs (at least one), each running
-    its share of the cores as torch threads, and as many reading tasks at once as CPUs the actors do not
-    hold (decoding and resizing take a few ms an image: the model is the work). Measured on 2 Zen 4 cores
-    with ViT-Ti/16 at 224 px (benchmarks/predict_throughput.py), the stage's rate over Flowers-17: one actor
-    of 2 threads beside one reader 39 img/s; two single-threaded actors 36; one actor of one thread beside
-    two readers 33.
+    On GPUs: one actor per GPU, reading tasks on the CPUs. On CPUs: one actor per CPU (``actors`` given: the
+    CPUs shared among them), each reading its own images and running the model on its share of the cores as
+    torch threads. Measured on 2 cores (AMD EPYC, AVX2, fp32) with ViT-Ti/16 at 224 px over Flowers-17's photos
+    (benchmarks/predict_throughput.py, docs/BENCHMARKS.md), the stage's rate on 5,440 photos: two actors of one
+    thread, each reading its own, 41.1 img/s; one actor of 2 threads beside reading tasks 31.6; the plain loop
+    in one process 39.3. On 1,360 photos the actors' start (some 9 s) keeps the stage below the loop.
     Batches: a forward pass's activations within a memory budget (``vit.inference.batch_size_for``): 4 GiB
     on a GPU (any current one has it free), on CPUs a quarter of the memory Ray sees, shared by the actors,
     at most 1 GiB each, and at most 64 images (larger batches are no faster on CPUs, and hold the stream back)."""
@@ -291,15 +321,15 @@ def plan(config, *, batch_size: int | None, actors: int | None) -> Plan:
     gpus, cpus = int(resources.get("GPU", 0)), max(1, int(resources.get("CPU", 1)))
     if gpus:
         actors = actors or gpus
-        budget, cpus_per_actor, gpus_per_actor, threads, readers = 4 << 30, 1.0, 1.0, 0, 0
+        budget, gpus_per_actor, threads, readers = 4 << 30, 1.0, 0, 0
+        # The actors never hold every CPU: a reading task must always find room, or the actors wait forever.
+        cpus_per_actor = min(1.0, max(0.1, (cpus - READ_CPUS) / actors))
     else:
-        actors = actors or max(1, cpus // 2)
-        cpus_per_actor, gpus_per_actor = 1.0, 0.0
+        actors = actors or cpus
         threads = max(1, cpus // actors)
-        readers = max(1, cpus - actors)
+        cpus_per_actor, gpus_per_actor, readers = min(float(threads), cpus / actors), 0.0, 0
         budget = min(1 << 30, resources.get("memory", 4 << 30) / 4 / actors)
-    # The actors never hold every CPU: a reading task must always find room, or the actors wait forever.
-    cpus_per_actor = min(cpus_per_actor, max(0.1, (cpus - READ_CPUS) / actors))
     limit = 512 if gpus else CPU_BATCH_LIMIT
     return Plan(batch_size=batch_size or batch_size_for(config, budget, limit=limit), actors=actors,
-                gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor, threads=threads, readers=readers)
+                gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor, threads=threads, readers=readers,
+                read_in_actors=not gpus)
