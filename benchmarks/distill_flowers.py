@@ -14,7 +14,7 @@ without a teacher (the same seeds: a paired difference).
     python -m benchmarks.distill_flowers --pretrained models:/vit-pretrained/2 \
         --tracking-uri sqlite:///benchmarks/.work/pretrain_cifar10/mlflow.db
     python -m benchmarks.distill_flowers --pretrained-checkpoint \
-        benchmarks/.work/recipes_cifar10/checkpoints/baseline/step-7660   # a recipe benchmark's model
+        benchmarks/.work/recipes_cifar10/checkpoints/baseline/step-001532   # a recipe benchmark's model
     python -m benchmarks.distill_flowers --smoke   # a random "pre-trained" model, a few steps: checks the script
 """
 
@@ -61,7 +61,7 @@ def main() -> None:
     parser.add_argument("--pretrained", help="a registered pre-trained model (benchmarks/pretrain_cifar10.py makes one)")
     parser.add_argument("--pretrained-checkpoint", type=Path,
                         help="instead of --pretrained: a training checkpoint folder of vit.loop.fit, e.g. "
-                             "benchmarks/recipes_cifar10.py's (benchmarks/.work/recipes_cifar10/checkpoints/ARM/step-N); "
+                             "benchmarks/recipes_cifar10.py's (benchmarks/.work/recipes_cifar10/checkpoints/ARM/step-NNNNNN); "
                              "its raw weights, normalised with CIFAR-10's mean and std as that script trains")
     parser.add_argument("--tracking-uri", default=f"sqlite:///{REPO / 'benchmarks/.work/pretrain_cifar10/mlflow.db'}")
     parser.add_argument("--teacher-size", type=int, default=64)
