@@ -297,7 +297,6 @@ class Plan:
     gpus_per_actor: float
     cpus_per_actor: float
     threads: int  # torch threads an actor uses (0: as Ray sets them)
-    readers: int  # reading tasks at once (0: as many as Ray's CPUs allow; none where the actors read)
     read_in_actors: bool  # the actors read and prepare their own images (CPUs only)
 
 
@@ -321,15 +320,15 @@ def plan(config, *, batch_size: int | None, actors: int | None) -> Plan:
     gpus, cpus = int(resources.get("GPU", 0)), max(1, int(resources.get("CPU", 1)))
     if gpus:
         actors = actors or gpus
-        budget, gpus_per_actor, threads, readers = 4 << 30, 1.0, 0, 0
+        budget, gpus_per_actor, threads = 4 << 30, 1.0, 0
         # The actors never hold every CPU: a reading task must always find room, or the actors wait forever.
         cpus_per_actor = min(1.0, max(0.1, (cpus - READ_CPUS) / actors))
     else:
         actors = actors or cpus
         threads = max(1, cpus // actors)
-        cpus_per_actor, gpus_per_actor, readers = min(float(threads), cpus / actors), 0.0, 0
+        cpus_per_actor, gpus_per_actor = min(float(threads), cpus / actors), 0.0
         budget = min(1 << 30, resources.get("memory", 4 << 30) / 4 / actors)
     limit = 512 if gpus else CPU_BATCH_LIMIT
     return Plan(batch_size=batch_size or batch_size_for(config, budget, limit=limit), actors=actors,
-                gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor, threads=threads, readers=readers,
+                gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor, threads=threads,
                 read_in_actors=not gpus)

@@ -79,7 +79,7 @@ def run_predict(config: PredictConfig, *, parent_run_id: str | None = None,
         stats = predict.predict(listing, plain, model_uri, out, batch_size=plan.batch_size, actors=plan.actors,
                                 gpus_per_actor=plan.gpus_per_actor, cpus_per_actor=plan.cpus_per_actor,
                                 precision=config.precision, top_k=config.top_k, threads=plan.threads,
-                                readers=plan.readers, read_in_actors=plan.read_in_actors,
+                                read_in_actors=plan.read_in_actors,
                                 progress=(lambda done: progress(done, total)) if progress else None)
     except BaseException:
         tracking.end_run(uri, run_id, "FAILED")
