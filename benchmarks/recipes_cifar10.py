@@ -16,9 +16,13 @@ process (no Ray: the comparison is of recipes, and the stage's start-up costs wo
 
 Printed: per arm, validation top-1 after every epoch, the test split's top-1 at the end (the raw weights,
 and the EMA's where one is kept), the seconds it took; a markdown table at the end, for docs/RESULTS.md.
+Each arm is checkpointed after every epoch (the last checkpoint kept), so ``--resume`` can take a long
+arm across interruptions; a resumed arm trains exactly as an uninterrupted one would (``vit.loop.fit``'s
+exact resume), and its minutes are the sum of its runs'.
 
     python -m benchmarks.recipes_cifar10 --epochs 10                  # about 50 minutes an arm on 2 Zen 4 cores
     python -m benchmarks.recipes_cifar10 --arms baseline deit --epochs 10
+    python -m benchmarks.recipes_cifar10 --arms paper --epochs 10 --resume  # go on where a stopped run left off
     python -m benchmarks.recipes_cifar10 --smoke                      # a tiny model, 1 epoch of a subset
 """
 
@@ -53,6 +57,7 @@ def section(arm: str, args, batches_per_epoch: int) -> PretrainSettings:
     data = {"batch_size": args.batch_size, "num_workers": 1, "shuffle_buffer": 2000, "crop_scale": [0.75, 1.0],
             "crop_pct": 1.0, "mean": list(CIFAR_MEAN), "std": list(CIFAR_STD)}
     train = {"total_steps": steps, "log_every": max(batches_per_epoch // 4, 1), "eval_every": batches_per_epoch,
+             "checkpoint_every": batches_per_epoch,
              "precision": args.precision, "seed": args.seed,
              "optim": {"lr": args.lr, "warmup_steps": max(steps // 20, 1), "min_lr_ratio": 0.01}}
     fields = {"model": model, "data": data, "train": train}
@@ -68,6 +73,25 @@ def section(arm: str, args, batches_per_epoch: int) -> PretrainSettings:
     return settings
 
 
+def settings_dict(settings: PretrainSettings) -> dict:
+    # through JSON: the form a progress file holds (tuples as lists)
+    return json.loads(json.dumps({"data": settings.data.to_dict(), "train": settings.train.to_dict(),
+                                  "model": settings.model.overrides()}))
+
+
+def differences(before: dict, now: dict, prefix: str = "") -> str:
+    """The keys whose values differ, as ``key: before -> now``, dotted; for the refusal to resume."""
+    keys = sorted(set(before) | set(now))
+    parts = []
+    for key in keys:
+        a, b = before.get(key), now.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            parts.append(differences(a, b, f"{prefix}{key}."))
+        elif a != b:
+            parts.append(f"{prefix}{key}: {a} -> {b}")
+    return ", ".join(part for part in parts if part)
+
+
 def run_arm(arm: str, shards: Path, args) -> dict:
     # the data settings do not depend on the epoch's length: resolve once to count its batches
     batches = train_loader(shards, section(arm, args, batches_per_epoch=1).data, rank=0, world_size=1).batches_per_epoch
@@ -75,8 +99,27 @@ def run_arm(arm: str, shards: Path, args) -> dict:
     train = train_loader(shards, settings.data, rank=0, world_size=1)
     val = eval_loader(shards, settings.data, rank=0, world_size=1, split="val")
     test = eval_loader(shards, settings.data, rank=0, world_size=1, split="test")
-    model = VisionTransformer(settings.model.build(num_classes=train.num_classes))
+    model = VisionTransformer(settings.model.build(num_classes=train.num_classes), seed=args.seed)
     curve = []
+
+    checkpoints = args.workdir / "checkpoints" / arm
+    progress_file = checkpoints / "progress.json"
+    identity = {"epochs": args.epochs, "settings": settings_dict(settings)}
+    resume_from, earlier_s = None, 0.0
+    if args.resume and progress_file.is_file():
+        progress = json.loads(progress_file.read_text())
+        if progress["identity"] != identity:
+            raise SystemExit(f"--resume: {checkpoints} holds a run of {arm} with other settings "
+                             f"({differences(progress['identity'], identity)}); run without --resume to start over")
+        resume_from = checkpoints / f"step-{progress['step']:06d}"
+        if not resume_from.is_dir():
+            raise SystemExit(f"--resume: {progress_file} names {resume_from.name}, which is not in {checkpoints}")
+        curve, earlier_s = progress["curve"], progress["seconds"]
+        print(f"  {arm}: resuming from {resume_from.name} (epoch {progress['step'] / batches:.0f}, "
+              f"{earlier_s / 60:.0f} min so far)", flush=True)
+    else:
+        shutil.rmtree(checkpoints, ignore_errors=True)  # a fresh run of the arm
+    started = time.monotonic()
 
     def report(step, metrics, checkpoint_dir=None):
         if "val/top1" in metrics:
@@ -85,17 +128,20 @@ def run_arm(arm: str, shards: Path, args) -> dict:
                 point["val_ema_top1"] = round(metrics[f"{EMA_PREFIX}top1"], 4)
             curve.append(point)
             print(f"  {arm}: {json.dumps(point)}", flush=True)
+        if checkpoint_dir is not None:  # every epoch, after its evaluation: what --resume starts from
+            progress = {"identity": identity, "step": step, "curve": curve,
+                        "seconds": earlier_s + time.monotonic() - started}
+            progress_file.write_text(json.dumps(progress, indent=1))
+            for older in checkpoints.glob("step-*"):
+                if older.name != Path(checkpoint_dir).name:
+                    shutil.rmtree(older)
 
-    started = time.monotonic()
-    checkpoints = args.workdir / "checkpoints" / arm
-    shutil.rmtree(checkpoints, ignore_errors=True)  # a fresh run of the arm
-    fit(model, train, val, settings.train, report=report, checkpoint_dir=checkpoints)
-    seconds = time.monotonic() - started
+    fit(model, train, val, settings.train, report=report, checkpoint_dir=checkpoints, resume_from=resume_from)
+    seconds = earlier_s + time.monotonic() - started
     row = {"arm": arm, "epochs": args.epochs, "steps": settings.train.total_steps,
            "test_top1": round(evaluate(model, test, precision=args.precision)["top1"], 4),
            "seconds": round(seconds), "curve": curve,
-           "settings": {"data": settings.data.to_dict(), "train": settings.train.to_dict(),
-                        "model": settings.model.overrides()}}
+           "settings": settings_dict(settings)}
     final = sorted(checkpoints.glob("step-*"))[-1]
     averaged = model_from_checkpoint(final, weights="ema")
     row["test_ema_top1"] = round(evaluate(averaged, test, precision=args.precision)["top1"], 4)
@@ -107,17 +153,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arms", nargs="+", default=["baseline", *recipe_names()],
                         choices=["baseline", *recipe_names()])
-    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--epochs", type=int, default=None, help="10 (--smoke: 1)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=1e-3, help="every arm's peak lr (AdamW; 5% warm-up, cosine)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     parser.add_argument("--workdir", type=Path, default=REPO / "benchmarks" / ".work" / "recipes_cifar10")
-    parser.add_argument("--smoke", action="store_true", help="a tiny model, 1 epoch of 2,000 images: checks the script")
+    parser.add_argument("--resume", action="store_true",
+                        help="go on from an arm's last epoch (its checkpoint) if an earlier run of the same settings "
+                             "stopped; the arm's minutes then add up its runs")
+    parser.add_argument("--smoke", action="store_true",
+                        help="a tiny model, 1 epoch (or --epochs) of 2,000 images: checks the script")
     args = parser.parse_args()
     print(header(args.precision), flush=True)
     if args.smoke:
-        args.epochs, args.batch_size = 1, 64
+        args.epochs, args.batch_size = args.epochs or 1, 64
+    args.epochs = args.epochs or 10
     args.workdir.mkdir(parents=True, exist_ok=True)
     shards = (cifar10_shards(args.workdir / "shards-smoke", train_rows=2000, test_rows=500, val_fraction=0.1)
               if args.smoke else cifar10_shards(args.workdir / "shards"))

@@ -147,10 +147,21 @@ class Block(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    """ViT classifier. ``forward = forward_head(forward_features(x))``."""
+    """ViT classifier. ``forward = forward_head(forward_features(x))``.
 
-    def __init__(self, config: ViTConfig):
+    ``seed``: the initial weights depend on it alone (drawn from a generator of their own: torch's global
+    random state is left as it was); None draws them from the global state, as torch modules do."""
+
+    def __init__(self, config: ViTConfig, seed: int | None = None):
         super().__init__()
+        if seed is None:
+            self._build(config)
+        else:  # torch's own layers draw their default weights from the global state while being built
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                self._build(config)
+
+    def _build(self, config: ViTConfig) -> None:
         self.config = config
         dim = config.embed_dim
         self.patch_embed = PatchEmbed(config)

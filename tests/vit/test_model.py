@@ -182,3 +182,18 @@ def test_bf16_autocast_on_cpu_trains():
     assert logits.dtype == torch.bfloat16
     logits.float().sum().backward()
     assert model.blocks[0].attn.qkv.weight.grad is not None
+
+
+def test_a_seed_alone_decides_the_initial_weights_and_leaves_the_global_random_state_alone():
+    before = torch.random.get_rng_state()
+    first, again, other = (VisionTransformer(tiny(), seed=seed).state_dict() for seed in (7, 7, 8))
+    assert torch.equal(torch.random.get_rng_state(), before)
+    assert all(torch.equal(first[name], again[name]) for name in first)
+    drawn = [name for name in first if not torch.equal(first[name], other[name])]
+    # every randomly initialised tensor differs between seeds (the rest are constants: zeros, ones)
+    assert {name for name in first if first[name].std() > 0 and name.endswith("weight") and "norm" not in name} <= set(drawn)
+    assert "pos_embed" in drawn and "cls_token" in drawn
+    torch.manual_seed(0)
+    unseeded = VisionTransformer(tiny()).state_dict()
+    assert not torch.equal(torch.random.get_rng_state(), before)  # without a seed: drawn from the global state
+    assert any(not torch.equal(unseeded[name], first[name]) for name in first)

@@ -437,14 +437,15 @@ def load_teacher(weights: TeacherWeights):
 
 
 def initial_model(spec: WorkerSpec):
-    """A fresh model for pre-training, or the paper's fine-tuning start: the pre-trained weights with
-    position embeddings resampled to the new grid and a zero-initialised head (``vit.finetune``)."""
+    """A fresh model for pre-training (its weights drawn from ``train.seed``: a run is repeatable), or the
+    paper's fine-tuning start: the pre-trained weights with position embeddings resampled to the new grid
+    and a zero-initialised head (``vit.finetune``)."""
     from vit import VisionTransformer
     from vit.finetune import prepare_finetune_model
 
     target, pretrained = spec.model, spec.pretrained
     if pretrained is None:
-        return VisionTransformer(target)
+        return VisionTransformer(target, seed=spec.train.seed)
     import ray
 
     state_dict = pretrained.state_dict
