@@ -6,33 +6,40 @@ process left behind."""
 
 from __future__ import annotations
 
+import os
+import subprocess
 import time
+import uuid
 from pathlib import Path
 
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from tests.faults.conftest import vitflow, wait_for
+from tests.faults.conftest import VITFLOW, vitflow, wait_for
 from vit import VisionTransformer, ViTConfig
 from vit.inference import write_model_files
 
 pytestmark = pytest.mark.slow
 
 NORM = {"mean": [0.49, 0.48, 0.45], "std": [0.25, 0.24, 0.26]}
-RAY_PROCESS_MARKERS = ("ray::", "raylet", "gcs_server", "ray/dashboard", "ray/_private", "ray_client_server")
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
 
 
-def ray_processes() -> set[int]:
-    """Every Ray process on the machine (workers rename themselves ``ray::...``)."""
+def processes_marked(marker: str) -> set[int]:
+    """The processes whose environment holds ``marker``: a run's driver, and every Ray process it starts
+    (raylet, GCS, workers: Ray hands its environment on), but no other test's."""
     found = set()
     for entry in Path("/proc").glob("[0-9]*"):
         try:
-            line = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
+            if marker.encode() in (entry / "environ").read_bytes():
+                found.add(int(entry.name))
+        except OSError:  # exited meanwhile, or not ours to read
             continue
-        if any(marker in line for marker in RAY_PROCESS_MARKERS):
-            found.add(int(entry.name))
     return found
 
 
@@ -97,20 +104,26 @@ def test_a_nan_trial_stops_at_once_a_broken_trial_fails_and_the_search_goes_on(t
 
 
 def test_32_trials_at_concurrency_2_leave_32_runs_and_no_processes(tmp_path, flowers_source):
-    before = ray_processes()
+    marker = uuid.uuid4().hex  # in the run's environment, and so in each of its Ray processes'
     spec = search_spec(tmp_path, flowers_source, "load",
                        train={"total_steps": 4, "log_every": 2, "eval_every": 2, "checkpoint_every": 4},
                        search={"image_size": [32, 48], "lr": {"min": 0.003, "max": 0.03}, "num_samples": 32,
                                "max_concurrent_trials": 2})
     started = time.monotonic()
     # ~1 min on 2 cores (trials reuse their processes); pytest's own limit is 900 s
-    result = vitflow("run", str(spec), cwd=tmp_path, timeout_s=800)
+    log = tmp_path / "driver.log"
+    with open(log, "wb") as out:
+        driver = subprocess.Popen([VITFLOW, "run", str(spec)], cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT,
+                                  env={**os.environ, "VITFLOW_TEST_RUN": marker})
+    # the accounting sees the run's Ray: its raylet carries the marker (else "none left" would prove nothing)
+    wait_for(lambda: any("raylet" in cmdline(pid) for pid in processes_marked(marker)), 120, "the run's raylet")
+    driver.wait(timeout=800)
     elapsed = time.monotonic() - started
-    assert result.returncode == 0, result.stdout + result.stderr
+    assert driver.returncode == 0, log.read_text()[-4000:]
     uri = f"sqlite:///{tmp_path / 'work' / 'mlflow.db'}"
     runs = trial_runs(uri, "load")
     assert len(runs) == 32 and len({r.data.tags["vitflow.trial_id"] for r in runs}) == 32
     assert all(r.info.status == "FINISHED" for r in runs)
-    wait_for(lambda: not (ray_processes() - before), 60, "the search's Ray processes to exit")
+    wait_for(lambda: not processes_marked(marker), 60, "the search's Ray processes to exit")
     print(f"\nRELIABILITY load: 32 trials at concurrency 2 in {elapsed / 60:.1f} min; 32 trial runs; "
-          f"{len(before)} Ray processes before, the same after")
+          f"no process of the run left")

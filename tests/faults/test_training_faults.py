@@ -80,7 +80,9 @@ def test_a_sigkilled_worker_is_replaced_and_loses_at_most_one_checkpoint_interva
     join = in_background(run_pretrain, config)
     run_dir = tmp_path / "runs" / "worker-kill"
     wait_for(lambda: checkpoint_steps(run_dir), 600, "the first checkpoint", every_s=0.2)
-    workers = wait_for(lambda: list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]),
+    this_ray = local_ray.get_runtime_context().gcs_address  # not "any Ray on the machine": tests run side by side
+    workers = wait_for(lambda: list_actors(address=this_ray,
+                                           filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]),
                        60, "the training worker actor")
     time.sleep(1.0)  # a little past the checkpoint: some work to lose
     # Frozen first, then its newest complete checkpoint read, then killed: a checkpoint it was writing
