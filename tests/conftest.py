@@ -19,17 +19,6 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DATASETS = REPO_ROOT.parent / "shared" / "datasets"
 
 
-def pytest_collection_modifyitems(config, items):
-    """With pytest-xdist (the README's test command runs two workers, ``--dist loadgroup``): a test file
-    runs on one worker, so its module-scoped Ray starts once; the tests that read the finished mini
-    workflow run together on one worker, so the session's most expensive fixture is made once."""
-    if not config.pluginmanager.hasplugin("xdist"):
-        return
-    for item in items:
-        group = "mini-workflow" if "mini_workflow" in item.fixturenames else item.nodeid.split("::")[0]
-        item.add_marker(pytest.mark.xdist_group(group))
-
-
 @pytest.fixture(scope="session")
 def datasets_dir() -> Path:
     if not DATASETS.is_dir():
