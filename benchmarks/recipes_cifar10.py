@@ -55,6 +55,7 @@ def section(arm: str, args, batches_per_epoch: int) -> PretrainSettings:
     model = ({"variant": "Ti/4", "image_size": 32, "embed_dim": 96, "depth": 2, "num_heads": 3} if args.smoke
              else {"variant": "Ti/4", "image_size": 32, "depth": 6})
     data = {"batch_size": args.batch_size, "num_workers": 1, "shuffle_buffer": 2000, "crop_scale": [0.75, 1.0],
+            "seed": args.seed,  # the data's order and augmentation: a second --seed is a second run in every way
             "crop_pct": 1.0, "mean": list(CIFAR_MEAN), "std": list(CIFAR_STD)}
     train = {"total_steps": steps, "log_every": max(batches_per_epoch // 4, 1), "eval_every": batches_per_epoch,
              "checkpoint_every": batches_per_epoch,
@@ -156,7 +157,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=None, help="10 (--smoke: 1)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=1e-3, help="every arm's peak lr (AdamW; 5% warm-up, cosine)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="the model's initial weights, the data's order and augmentation, dropout's draws")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     parser.add_argument("--workdir", type=Path, default=REPO / "benchmarks" / ".work" / "recipes_cifar10")
     parser.add_argument("--resume", action="store_true",
