@@ -17,17 +17,13 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from tests.faults.conftest import VITFLOW, vitflow, wait_for
+from tests.workflows.servers import processes_mentioning
 from vit import VisionTransformer, ViTConfig
 from vit.inference import write_model_files
 
 pytestmark = pytest.mark.slow
 
 NORM = {"mean": [0.49, 0.48, 0.45], "std": [0.25, 0.24, 0.26]}
-def cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
 
 
 def processes_marked(marker: str) -> set[int]:
@@ -116,7 +112,7 @@ def test_32_trials_at_concurrency_2_leave_32_runs_and_no_processes(tmp_path, flo
         driver = subprocess.Popen([VITFLOW, "run", str(spec)], cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT,
                                   env={**os.environ, "VITFLOW_TEST_RUN": marker})
     # the accounting sees the run's Ray: its raylet carries the marker (else "none left" would prove nothing)
-    wait_for(lambda: any("raylet" in cmdline(pid) for pid in processes_marked(marker)), 120, "the run's raylet")
+    wait_for(lambda: processes_marked(marker) & set(processes_mentioning("raylet")), 120, "the run's raylet")
     driver.wait(timeout=800)
     elapsed = time.monotonic() - started
     assert driver.returncode == 0, log.read_text()[-4000:]

@@ -7,9 +7,7 @@ second or two in-process.
 from __future__ import annotations
 
 import io
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +17,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import DATASETS
+from tests.raydir import short_ray_tmpdir
 
 FLOWERS = DATASETS / "flowers17"
 CIFAR = DATASETS / "cifar10"
@@ -146,16 +145,9 @@ def ray_session():
     """One local Ray (2 CPUs) per test module, its state in a short temp dir (socket paths are length-limited)."""
     import ray
 
-    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
-    previous = os.environ.get("RAY_TMPDIR")
-    os.environ["RAY_TMPDIR"] = temp
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=temp)
-    try:
-        yield
-    finally:
-        ray.shutdown()
-        if previous is None:
-            os.environ.pop("RAY_TMPDIR", None)
-        else:
-            os.environ["RAY_TMPDIR"] = previous
-        shutil.rmtree(temp, ignore_errors=True)
+    with short_ray_tmpdir() as temp:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=temp)
+        try:
+            yield
+        finally:
+            ray.shutdown()

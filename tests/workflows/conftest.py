@@ -4,39 +4,32 @@ share with the other suites are in tests/conftest.py)."""
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 
 import pytest
+
+from tests.raydir import short_ray_tmpdir
 
 PREPROCESSING = {"image_size": 32, "mean": [0.45, 0.40, 0.35], "std": [0.22, 0.21, 0.20], "crop_pct": 0.875}
 
 
 @pytest.fixture(scope="module")
 def local_ray():
-    """A real local Ray with 2 CPUs, its state in a short temp dir of its own (AF_UNIX socket paths end at
-    107 bytes, and pytest-xdist's temp dirs are longer); shut down, and RAY_TMPDIR restored, afterwards."""
+    """A real local Ray with 2 CPUs, its state in a short temp dir of its own (``tests.raydir``); shut down,
+    and RAY_TMPDIR restored, afterwards."""
     import ray
 
-    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
-    previous = os.environ.get("RAY_TMPDIR")
-    os.environ["RAY_TMPDIR"] = temp
     # A loaded machine (CI, or a benchmark beside the tests) can take over Ray Train's default 60 s to
     # start a worker group (each worker imports torch); the controller reads this at start.
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
     from workflows.compute.local_ray import TRIAL_DRIVER_RESOURCE
 
-    ray.init(num_cpus=2, resources={TRIAL_DRIVER_RESOURCE: 2}, include_dashboard=True, _temp_dir=temp,
-             logging_level="WARNING")
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
-        if previous is None:
-            os.environ.pop("RAY_TMPDIR", None)
-        else:
-            os.environ["RAY_TMPDIR"] = previous
-        shutil.rmtree(temp, ignore_errors=True)
+    with short_ray_tmpdir() as temp:
+        ray.init(num_cpus=2, resources={TRIAL_DRIVER_RESOURCE: 2}, include_dashboard=True, _temp_dir=temp,
+                 logging_level="WARNING")
+        try:
+            yield ray
+        finally:
+            ray.shutdown()
 
 
 @pytest.fixture(scope="module")
