@@ -23,8 +23,8 @@ DATASETS = REPO_ROOT.parent / "shared" / "datasets"
 def pytest_collection_modifyitems(config, items):
     """Under pytest-xdist (the README's test command: ``-n 2 --dist loadgroup``) the tests that read the
     finished mini workflow run on one worker, so the suite's most expensive fixture (about 2 minutes) is made
-    once, not once per worker. Every other test is handed out on its own. (pytest 9.2 broke xdist 3.8's
-    groups: it ignores the group it writes into the test's id; pyproject.toml keeps pytest below 9.2.)"""
+    once, not once per worker. Every other test is handed out on its own. (xdist 3.8 writes the group into
+    ``item._nodeid``, which pytest 9.2 no longer reads a test's id from: pyproject.toml keeps pytest below 9.2.)"""
     for item in items:
         if "mini_workflow" in item.fixturenames:
             item.add_marker(pytest.mark.xdist_group("mini-workflow"))
