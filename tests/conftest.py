@@ -24,7 +24,8 @@ def pytest_collection_modifyitems(config, items):
     """Under pytest-xdist (the README's test command: ``-n 2 --dist loadgroup``) the tests that read the
     finished mini workflow run on one worker, so the suite's most expensive fixture (about 2 minutes) is made
     once, not once per worker. Every other test is handed out on its own. (xdist 3.8 writes the group into
-    ``item._nodeid``, which pytest 9.2 no longer reads a test's id from: pyproject.toml keeps pytest below 9.2.)"""
+    ``item._nodeid``, which pytest 9.2 no longer reads a test's id from: pytest-dev/pytest-xdist#1386, open;
+    pyproject.toml keeps pytest below 9.2.)"""
     for item in items:
         if "mini_workflow" in item.fixturenames:
             item.add_marker(pytest.mark.xdist_group("mini-workflow"))
