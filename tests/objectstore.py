@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import secrets
 import shutil
 import signal
@@ -22,19 +23,59 @@ import urllib.request
 from pathlib import Path
 
 _HANDED_OUT: set[int] = set()
+# Ray's default range for its worker processes' ports (``--min-worker-port``/``--max-worker-port``).
+_RAY_WORKER_PORTS = range(10002, 20000)
+_LOWEST = 20000
+
+
+def _ephemeral_ports() -> range:
+    """The kernel's range for ports it picks itself: for ``bind(0)`` and for the local end of every outgoing
+    connection."""
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999  # Linux's default
+    return range(low, high + 1)
+
+
+def _port_pool() -> list[int]:
+    """The ports this test process may hand out: outside the kernel's ephemeral range and Ray's worker ports,
+    and, under pytest-xdist, this worker's own share of them.
+
+    A port found free and handed to a server is unguarded until the server binds it (seconds for ``weed``,
+    and the whole outage in the drills that stop and restart a store on its ports). In the ephemeral range any
+    process's outgoing connection can take it meanwhile (seen in CI: the volume server's gRPC port was taken
+    and ``weed`` exited with "bind: address already in use"); two xdist workers would each hand out the same
+    port too. Outside that range only an explicit bind takes a port, and each worker binds in its own share.
+    """
+    ephemeral = _ephemeral_ports()
+    pool = [port for port in range(_LOWEST, 65536) if port not in ephemeral and port not in _RAY_WORKER_PORTS]
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    index = int(worker.removeprefix("gw")) if worker.removeprefix("gw").isdigit() else 0
+    share = pool[index::count]
+    if len(share) < 200:
+        raise RuntimeError(f"too few ports for the test servers outside the ephemeral range {ephemeral.start}-"
+                           f"{ephemeral.stop - 1} (/proc/sys/net/ipv4/ip_local_port_range): {len(share)} for {worker}")
+    return share
 
 
 def free_port() -> int:
-    """A free TCP port on 127.0.0.1 that this process has not handed out before: once a probe socket is
-    closed the OS may offer the same port again, and two servers (or two components of one Ray node: its
-    dashboard and its agent, seen here) told the same port refuse to start."""
-    while True:
+    """A free TCP port on 127.0.0.1, not handed out before by this process nor by another xdist worker (see
+    ``_port_pool``): once a probe socket is closed the OS may offer the same port again, and two servers (or
+    two components of one Ray node: its dashboard and its agent, seen here) told the same port refuse to
+    start."""
+    pool = [port for port in _port_pool() if port not in _HANDED_OUT]
+    random.shuffle(pool)  # two runs of the suite one after another do not start on the same ports
+    for port in pool:
         with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        if port not in _HANDED_OUT:
-            _HANDED_OUT.add(port)
-            return port
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    raise RuntimeError(f"no free port left among the {len(_port_pool())} of this test process")
 
 
 def weed_binary() -> str:

@@ -15,6 +15,7 @@ import pytest
 
 from pipeline import ShardConfig, write_shards
 from tests.cli import run_vitflow
+from tests.objectstore import free_port
 from tests.pipeline.test_shards import all_files
 from tests.test_cli import vitflow
 
@@ -91,9 +92,7 @@ def test_cli_with_its_own_local_ray_matches_the_in_process_bytes(flowers_subset,
 
 @pytest.mark.slow
 def test_cli_on_a_running_cluster_given_by_address(cifar_subset, tmp_path, ray_env):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     ray = str(Path(sys.executable).parent / "ray")
     # --block keeps the head in the foreground: terminating this one process stops the cluster it started.
     head = subprocess.Popen(
