@@ -65,7 +65,8 @@ def free_port() -> int:
     ``_port_pool``): once a probe socket is closed the OS may offer the same port again, and two servers (or
     two components of one Ray node: its dashboard and its agent, seen here) told the same port refuse to
     start."""
-    pool = [port for port in _port_pool() if port not in _HANDED_OUT]
+    share = _port_pool()
+    pool = [port for port in share if port not in _HANDED_OUT]
     random.shuffle(pool)  # two runs of the suite one after another do not start on the same ports
     for port in pool:
         with socket.socket() as probe:
@@ -75,7 +76,7 @@ def free_port() -> int:
                 continue
         _HANDED_OUT.add(port)
         return port
-    raise RuntimeError(f"no free port left among the {len(_port_pool())} of this test process")
+    raise RuntimeError(f"no free port left among the {len(share)} of this test process")
 
 
 def weed_binary() -> str:
