@@ -92,13 +92,17 @@ def training_state(
     precision: str,
     metadata: Mapping[str, Any],
     ema: WeightEMA | None = None,
+    time_budget_used_s: float | None = None,
 ) -> dict[str, Any]:
     """The checkpoint of a training run after ``step`` optimiser steps, ``batch_in_epoch`` batches into
     ``epoch``: every key a checkpoint has. ``model_config`` is the model's ``config`` (``{}`` for a model
     without one); ``rng`` holds this process's generators (torch, CUDA, NumPy, Python); ``ema``, only in
     a run that keeps a weight EMA, its state (``vit.ema.WeightEMA.state_dict``: the averaged weights under
-    ``module.`` and the update count ``n_averaged``)."""
+    ``module.`` and the update count ``n_averaged``); ``time_budget_used_s``, only in a run with a time
+    budget (``train.time_budget_s``), the seconds of it used."""
     extra = {"ema": ema.state_dict()} if ema is not None else {}
+    if time_budget_used_s is not None:
+        extra["time_budget_used_s"] = float(time_budget_used_s)
     return {
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,

@@ -48,6 +48,12 @@ from vit.precision import CHOICES, PrecisionChoice, autocast, probe, resolve_pre
 
 log = logging.getLogger(__name__)
 
+# A time budget plans on a training step's seconds averaged over the log windows with this weight on the
+# newest: about the last three windows, so that one noisy window (a neighbour process, a slow batch) moves
+# the plan little, while a steady slowing (seen: 18% over an hour) is followed within a few windows.
+STEP_TIME_SMOOTHING = 0.3
+
+
 class NonFiniteLossError(FloatingPointError):
     """The training loss or gradient became NaN or infinite: the run diverged (early-stopping signal for
     tuning)."""
@@ -73,6 +79,10 @@ class TrainConfig:
     ema: EmaConfig | None = None
     # knowledge distillation from a frozen teacher (vit.distill), which fit is given; None: off
     distill: DistillConfig | None = None
+    # a wall-clock budget for fit (training, evaluations, checkpoints), in seconds: the run re-plans its
+    # last step at every log step from the speed measured so far and ends on the clock, the cosine fitted
+    # to the steps it will take; total_steps is then the most it may take. None: exactly total_steps.
+    time_budget_s: float | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.optim, Mapping):
@@ -88,6 +98,10 @@ class TrainConfig:
         for name in ("eval_every", "checkpoint_every", "seed"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 problems.append(f"{name} must be an integer >= 0, got {getattr(self, name)!r}")
+        if self.time_budget_s is not None and (isinstance(self.time_budget_s, bool)
+                                               or not isinstance(self.time_budget_s, (int, float))
+                                               or not self.time_budget_s > 0):
+            problems.append(f"time_budget_s must be a number of seconds > 0 or None, got {self.time_budget_s!r}")
         if not 0 <= self.label_smoothing < 1:
             problems.append(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.precision not in CHOICES:
@@ -155,11 +169,7 @@ def evaluate(model: nn.Module, data: Iterable[Any], *, device: str | torch.devic
         hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]  # (B, k)
         sums += torch.stack([loss.double(), hits[:, 0].sum().double(), hits.any(dim=1).sum().double(),
                              torch.tensor(float(len(labels)), dtype=torch.float64, device=device)])
-    if all_reduce is not None:
-        reduced = all_reduce(sums)
-        sums = sums if reduced is None else reduced
-    elif torch.distributed.is_available() and torch.distributed.is_initialized():  # framework touch point
-        torch.distributed.all_reduce(sums)
+    sums = _sum_across_ranks(sums, all_reduce)
     model.train(was_training)
     loss, top1, top5, count = sums.tolist()
     if count == 0:
@@ -167,7 +177,34 @@ def evaluate(model: nn.Module, data: Iterable[Any], *, device: str | torch.devic
     return {"loss": loss / count, "top1": top1 / count, "top5": top5 / count, "num_samples": int(count)}
 
 
+def _sum_across_ranks(values: torch.Tensor, all_reduce: Callable[[torch.Tensor], torch.Tensor | None] | None) -> torch.Tensor:
+    """``values`` summed over the ranks: by ``all_reduce`` (in place or returned), else by
+    ``torch.distributed`` when a process group is initialised, else as they are (one process)."""
+    if all_reduce is not None:
+        reduced = all_reduce(values)
+        return values if reduced is None else reduced
+    if torch.distributed.is_available() and torch.distributed.is_initialized():  # framework touch point
+        torch.distributed.all_reduce(values)
+    return values
+
+
 # --- training ------------------------------------------------------------------------------------
+
+
+def _mean_across_ranks(values: list[float], all_reduce, device: torch.device) -> list[float]:
+    """Each value's mean over the ranks (one all-reduce), so that every rank decides alike."""
+    summed = _sum_across_ranks(torch.tensor([*values, 1.0], dtype=torch.float64, device=device), all_reduce)
+    return (summed[:-1] / summed[-1]).tolist()
+
+
+def steps_within(remaining_s: float, *, train_s_per_step: float, pause_s_per_step: float, final_s: float) -> int:
+    """How many more optimiser steps fit in ``remaining_s`` seconds: each step costs its training time plus
+    its share of the evaluations and checkpoints (as measured so far), and the last one its own final
+    evaluation and checkpoint (``final_s``) on top. 0 when not even one fits."""
+    per_step = train_s_per_step + pause_s_per_step
+    if per_step <= 0:
+        raise ValueError(f"a step must take some time to plan on, got {per_step} s")
+    return max(0, math.floor((remaining_s - final_s) / per_step))
 
 
 def _batches(data: EpochData, epoch: int, start: int) -> Iterator[tuple[int, int, Any]]:
@@ -195,7 +232,8 @@ def fit(
     peak_flops: float | None = None,
     teacher: nn.Module | None = None,
 ) -> dict[str, float]:
-    """Train ``model`` for exactly ``config.total_steps`` optimiser steps; return the last metrics.
+    """Train ``model`` for exactly ``config.total_steps`` optimiser steps (or, with ``config.time_budget_s``,
+    for as many as fit in that many seconds, at most ``total_steps``); return the last metrics.
 
     ``prepare_model`` runs after the model is on ``device`` and its weights are restored (e.g. to wrap it
     in DDP); checkpoints and evaluation use the unwrapped ``model``. ``resume_from`` is a checkpoint
@@ -216,10 +254,23 @@ def fit(
     ``perf/data_wait_fraction`` (the share of the window's training time spent waiting for the next batch)
     and, given the device's ``peak_flops`` (``vit.perf.peak_flops``), ``perf/mfu``: model training FLOPs per
     second (``vit.flops.train_flops``) over that peak.
+
+    With ``config.time_budget_s`` the run ends on the clock. At every log step it measures the seconds a
+    training step takes (averaged over the recent windows: ``STEP_TIME_SMOOTHING``), what evaluations and
+    checkpoints have cost per step so far
+    (the longest of them again for the final one), and re-plans its last step to what is left of the
+    budget (:func:`steps_within`); the cosine schedule goes on from where it is to the new last step
+    (``vit.optim.WarmupCosine.replan``), so it always ends at its floor on the run's final step. The
+    ranks plan on their mean measurements (one all-reduce at each log step: every rank ends at the same
+    step). ``train/planned_steps`` and ``train/budget_left_s`` are reported at each log step. A
+    checkpoint holds the budget's seconds used, and a resumed run goes on with what was left (the time
+    between the failure and the resume is not counted). Such a run is not reproducible step for step: its
+    last step depends on the machine's speed.
     """
     if (config.distill is None) != (teacher is None):
         raise ValueError("fit: a teacher needs train.distill, and train.distill needs a teacher "
                          f"(distill: {config.distill}; teacher given: {teacher is not None})")
+    entered = time.perf_counter()  # a time budget counts from here: all that fit does is in it
     device = torch.device(device)
     precision = resolve_precision(config.precision, probe(device))
     model.to(device)
@@ -229,7 +280,9 @@ def fit(
     schedule = build_schedule(optimizer, config.optim, config.total_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     ema = WeightEMA(model, config.ema) if config.ema is not None else None
+    plan = schedule.lr_lambdas[0]  # a vit.optim.WarmupCosine: its planned last step is restored with it
     step, epoch, batch_in_epoch = 0, 0, 0
+    budget_used = 0.0  # seconds of config.time_budget_s used before this call (a resumed run's)
     if resume_from is not None:
         state = load_checkpoint(resume_from)
         trained_on = state.get("metadata", {}).get("class_names")
@@ -239,6 +292,7 @@ def fit(
         step, epoch, batch_in_epoch = restore_training_state(state, model=model, optimizer=optimizer,
                                                              schedule=schedule, scaler=scaler, ema=ema,
                                                              origin=str(resume_from))
+        budget_used = float(state.get("time_budget_used_s", 0.0)) if config.time_budget_s is not None else 0.0
         if rank != 0:  # only rank 0's generators were saved; the others start a fresh, distinct stream
             torch.manual_seed(derive_seed(config.seed, rank, step))
         log.info("resumed from %s at step %d (epoch %d, batch %d)", resume_from, step, epoch, batch_in_epoch)
@@ -249,7 +303,7 @@ def fit(
     forward = torch.compile(prepared) if config.compile else prepared
 
     latest: dict[str, float] = {}
-    if step >= config.total_steps:
+    if step >= plan.total_steps:
         return latest
     extra = dict(metadata or {})
     stream = _batches(train_data, epoch, batch_in_epoch)
@@ -258,9 +312,14 @@ def fit(
     tick, paused = time.perf_counter(), 0.0  # paused: evaluation and checkpoint time, not counted in img/s
     waited = 0.0  # time spent in the loader's next() this window
     flops_per_image = train_flops(model.config) if isinstance(getattr(model, "config", None), ViTConfig) else None
+    # The time budget's accounting: its clock (started budget_used ago), and what evaluations and
+    # checkpoints cost in this call: in all, the longest at one step, and over how many steps.
+    clock_start, paused_total, longest_pause, first_step = entered - budget_used, 0.0, 0.0, step
+    warned = False  # that the budget ends the run inside its warm-up
+    step_s: float | None = None  # a training step's seconds, an exponential average over the log windows
     forward.train()
     try:
-        while step < config.total_steps:
+        while step < plan.total_steps:
             optimizer.zero_grad(set_to_none=True)
             step_loss = torch.zeros((), device=device)
             for micro in range(accum):
@@ -310,11 +369,29 @@ def fit(
             logged_steps += 1
 
             metrics: dict[str, float] = {}
-            final = step == config.total_steps
+            final = step >= plan.total_steps
             if step % config.log_every == 0 or final:
                 loss_value = (loss_sum / logged_steps).item()  # waits for the device: the window ends here
                 elapsed = max(time.perf_counter() - tick - paused, 1e-9)
                 rate = images_seen / elapsed  # this rank's
+                paused_total += paused
+                if config.time_budget_s is not None:
+                    window_s = elapsed / logged_steps  # a training step's seconds, smoothed over the windows
+                    step_s = window_s if step_s is None else (1 - STEP_TIME_SMOOTHING) * step_s + STEP_TIME_SMOOTHING * window_s
+                    train_s, pause_s, final_s, used = _mean_across_ranks(
+                        [step_s, paused_total / (step - first_step), longest_pause,
+                         time.perf_counter() - clock_start], all_reduce, device)
+                    left = config.time_budget_s - used
+                    if not final:
+                        more = steps_within(left, train_s_per_step=train_s, pause_s_per_step=pause_s, final_s=final_s)
+                        plan.replan(step, min(config.total_steps, step + more))
+                        final = step >= plan.total_steps
+                        if plan.total_steps < plan.warmup_steps and not warned:
+                            warned = True
+                            log.warning("train.time_budget_s %.0f s ends the run at step %d, inside its warm-up "
+                                        "(optim.warmup_steps %d): the lr never reaches its peak", config.time_budget_s,
+                                        plan.total_steps, plan.warmup_steps)
+                    metrics.update({"train/planned_steps": plan.total_steps, "train/budget_left_s": left})
                 metrics.update({
                     "train/loss": loss_value,
                     "train/lr": lr,
@@ -344,17 +421,19 @@ def fit(
             saved = None
             if final or (config.checkpoint_every and step % config.checkpoint_every == 0):
                 if rank == 0 and checkpoint_dir is not None:
+                    used = time.perf_counter() - clock_start if config.time_budget_s is not None else None
                     saved = save_checkpoint(checkpoint_dir, training_state(
                         model=model, optimizer=optimizer, schedule=schedule, scaler=scaler, step=step, epoch=epoch,
                         batch_in_epoch=batch_in_epoch, train_config=config.to_dict(), precision=precision,
-                        metadata=extra, ema=ema))
+                        metadata=extra, ema=ema, time_budget_used_s=used))
                 metrics.setdefault("train/epoch", epoch + batch_in_epoch / train_data.batches_per_epoch)
             if metrics:
                 latest.update(metrics)
-                log.info("step %d/%d %s", step, config.total_steps,
+                log.info("step %d/%d %s", step, plan.total_steps,
                          " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
                 report(step, metrics, checkpoint_dir=str(saved) if saved is not None else None)
-            paused += time.perf_counter() - started
+            took = time.perf_counter() - started
+            paused, longest_pause = paused + took, max(longest_pause, took)
     finally:
         stream.close()  # shuts down the epoch's loader workers
     return latest

@@ -136,20 +136,51 @@ def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.Optimi
 def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
     """The lr factor at ``step`` (the number of optimiser steps taken): linear from 1/warmup to 1 over
     ``warmup_steps``, then a half cosine from 1 down to ``min_lr_ratio`` at ``total_steps``."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return WarmupCosine(warmup_steps=warmup_steps, total_steps=total_steps, min_lr_ratio=min_lr_ratio)(step)
+
+
+@dataclass(kw_only=True)
+class WarmupCosine:
+    """The lr factor of :func:`warmup_cosine` as an object whose end can move: ``replan`` sets a new last
+    step while keeping the factor continuous (the cosine goes on from the progress it had reached, over
+    the steps now left), which is how a run with a time budget (``vit.loop.TrainConfig.time_budget_s``)
+    ends on the clock. Its fields are plain numbers: ``LambdaLR.state_dict`` saves them (it keeps the
+    ``__dict__`` of callable objects) and a checkpoint resumes the plan exactly. Never re-planned, it is
+    :func:`warmup_cosine` to the last bit."""
+
+    warmup_steps: int
+    total_steps: int  # the planned last step
+    min_lr_ratio: float
+    anchor_step: int = 0  # the cosine reached ``anchor_progress`` at this step (set by replan)
+    anchor_progress: float = 0.0
+
+    def progress(self, step: int) -> float:
+        """How far along the cosine ``step`` is (0 until the warm-up ends, 1 at ``total_steps``)."""
+        if step < self.warmup_steps:
+            return 0.0
+        start = max(self.warmup_steps, self.anchor_step)
+        left = (step - start) / max(1, self.total_steps - start)
+        return min(1.0, self.anchor_progress + (1.0 - self.anchor_progress) * left)
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * self.progress(step)))
+
+    def replan(self, step: int, total_steps: int) -> None:
+        """End the schedule at ``total_steps`` instead, from ``step`` (the optimiser steps taken) on."""
+        if total_steps < step:
+            raise ValueError(f"cannot end the schedule at step {total_steps}: {step} steps are already taken")
+        if step >= self.warmup_steps:
+            self.anchor_progress, self.anchor_step = self.progress(step), step
+        self.total_steps = total_steps
 
 
 def build_schedule(optimizer: torch.optim.Optimizer, config: OptimConfig, total_steps: int) -> LambdaLR:
     """Warmup + cosine as a ``LambdaLR`` stepped once per optimiser step; its ``state_dict`` (the step
-    count and base lrs) is all a checkpoint needs, the shape is rebuilt from the config."""
+    count, base lrs and the :class:`WarmupCosine` plan) is all a checkpoint needs. The plan is
+    ``schedule.lr_lambdas[0]`` (one object for every parameter group)."""
     if config.warmup_steps > total_steps:
         raise ValueError(f"warmup_steps {config.warmup_steps} exceed total_steps {total_steps}")
-
-    def factor(step: int) -> float:
-        return warmup_cosine(step, warmup_steps=config.warmup_steps, total_steps=total_steps,
-                             min_lr_ratio=config.min_lr_ratio)
-
-    return LambdaLR(optimizer, factor)
+    plan = WarmupCosine(warmup_steps=config.warmup_steps, total_steps=total_steps, min_lr_ratio=config.min_lr_ratio)
+    return LambdaLR(optimizer, plan)

@@ -268,6 +268,9 @@ class SearchConfig(BaseModel):
             elif name == "train.distill":
                 problems.append(f"{name}: not a choice: the teacher is checked and pinned once for the whole search; "
                                 "give train.distill in the section (one teacher for every trial)")
+            elif name == "train.time_budget_s":
+                problems.append(f"{name}: not a choice: a search compares trials at equal steps, and a time "
+                                "budget ends each at a step its machine's speed decides (train.total_steps does)")
             elif name in SECTION_WIDE:
                 problems.append(f"{name}: not a choice: the search schedules every trial by the section's {name}")
             if not values:
@@ -330,6 +333,10 @@ class FinetuneSettings(BaseModel):
         if self.search.scheduler and self.search.scheduler.grace_period > self.train.total_steps:
             raise ValueError(f"search.scheduler.grace_period {self.search.scheduler.grace_period} exceeds "
                              f"train.total_steps {self.train.total_steps}")
+        if self.train.time_budget_s is not None:
+            raise ValueError(f"train.time_budget_s {self.train.time_budget_s:g}: a search compares its trials at "
+                             "equal steps (ASHA's rungs, the best trial's validation), and a time budget ends each "
+                             "trial at a step its machine's speed decides: set train.total_steps instead")
         if not self.train.eval_every:
             raise ValueError("train.eval_every must be set: the search compares trials on a validation metric")
         if self.train.checkpoint_every % self.train.eval_every:

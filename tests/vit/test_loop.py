@@ -3,14 +3,20 @@ accumulation, precisions, divergence."""
 
 from __future__ import annotations
 
+import json
+import time
+from pathlib import Path
+
 import pytest
 import torch
 
 from vit import VisionTransformer, ViTConfig
 from vit.checkpoint import CHECKPOINT_FILE, load_checkpoint
 from vit.data import DataConfig, eval_loader, train_loader
-from vit.loop import NonFiniteLossError, TrainConfig, evaluate, fit
+from vit.loop import NonFiniteLossError, TrainConfig, evaluate, fit, steps_within
 from vit.optim import OptimConfig
+
+from tests.objectstore import free_port
 
 
 def tiny_model(seed: int = 0, **overrides) -> VisionTransformer:
@@ -176,6 +182,9 @@ def test_evaluate_sums_through_the_injected_all_reduce():
 def test_train_config_is_checked_early():
     with pytest.raises(ValueError, match="precision must be"):
         TrainConfig(total_steps=1, precision="fp8")
+    for budget in (0, -5.0, True, "60"):
+        with pytest.raises(ValueError, match=f"time_budget_s must be a number of seconds > 0 or None, got {budget!r}"):
+            TrainConfig(total_steps=1, time_budget_s=budget)
     with pytest.raises(ValueError, match="unknown TrainConfig keys: steps"):
         TrainConfig.from_dict({"steps": 3})
     config = TrainConfig(total_steps=5, optim=OptimConfig(optimizer="sgd"))
@@ -187,3 +196,91 @@ def test_compiled_training_runs():
     report = Recorder()
     fit(tiny_model(), random_data(), None, TrainConfig(total_steps=2, log_every=1, compile=True), report=report)
     assert report.steps("train/loss") == [1, 2]
+
+
+class SlowData(TensorData):
+    """``random_data`` whose every batch takes at least ``seconds`` to arrive: a step's time is known."""
+
+    def __init__(self, seconds: float, count: int = 32, batch_size: int = 4):
+        data = random_data(count, batch_size)
+        super().__init__(data.images, data.targets, batch_size)
+        self.seconds = seconds
+
+    def epoch(self, epoch: int, start_batch: int = 0):
+        for batch in super().epoch(epoch, start_batch):
+            time.sleep(self.seconds)
+            yield batch
+
+
+def test_steps_within_a_budget():
+    # 96 s after the final evaluation's 4, at 0.5 s of training and 0.1 s of evaluations per step
+    assert steps_within(100.0, train_s_per_step=0.5, pause_s_per_step=0.1, final_s=4.0) == 160
+    assert steps_within(3.0, train_s_per_step=0.5, pause_s_per_step=0.0, final_s=4.0) == 0  # none fits: stop now
+    assert steps_within(-1.0, train_s_per_step=0.5, pause_s_per_step=0.0, final_s=0.0) == 0  # overrun
+    with pytest.raises(ValueError, match="a step must take some time"):
+        steps_within(10.0, train_s_per_step=0.0, pause_s_per_step=0.0, final_s=0.0)
+
+
+BUDGET = 3.0  # seconds; a step takes at least 20 ms (SlowData), so at most 150 steps fit
+# Bounds on the seconds used, loose enough for a loaded CI machine (two test workers on two cores): without
+# the budget the run would take its 10,000 steps (over 200 s); a run that stopped early would use far less.
+USED = (0.5 * BUDGET, 2 * BUDGET)
+
+
+def budgeted(**changes) -> TrainConfig:
+    fields = dict(total_steps=10_000, log_every=2, eval_every=20, checkpoint_every=20, time_budget_s=BUDGET,
+                  optim=OptimConfig(lr=1e-3, warmup_steps=5, min_lr_ratio=0.1))
+    fields.update(changes)
+    return TrainConfig(**fields)
+
+
+def test_a_time_budget_ends_the_run_on_the_clock_with_its_schedule_at_the_floor(tmp_path):
+    report = Recorder()
+    fit(tiny_model(), SlowData(0.02), random_data(8), budgeted(), report=report, checkpoint_dir=tmp_path)
+    last = report.calls[-1]
+    planned = [metrics["train/planned_steps"] for _, metrics, _ in report.calls if "train/planned_steps" in metrics]
+    assert last[1]["train/planned_steps"] == last[0] <= 150, planned  # the plan's end is where it stopped
+    assert planned[0] < 10_000 and "val/top1" in last[1] and last[2] is not None  # evaluated, checkpointed
+    state = load_checkpoint(last[2])
+    assert USED[0] <= state["time_budget_used_s"] <= USED[1], state["time_budget_used_s"]
+    # the cosine was fitted to the steps taken: it ends on the last one at its floor (1e-4), or near it where
+    # the budget ran out faster than the last plan expected (a loaded machine: the plan is cut where it is)
+    # (over its 10,000 steps, the cosine would still be at its peak, 1e-3)
+    assert 1e-4 <= state["optimizer"]["param_groups"][0]["lr"] < 3e-4
+    assert state["schedule"]["lr_lambdas"][0]["total_steps"] == last[0]
+
+
+def test_a_budgeted_run_resumes_with_what_was_left_of_its_budget(tmp_path):
+    fit(tiny_model(), SlowData(0.02), None, budgeted(checkpoint_every=5), report=Recorder(),
+        checkpoint_dir=tmp_path / "first")
+    midway = sorted((tmp_path / "first").glob("step-*"))[0]  # the first checkpoint, step 5
+    used = load_checkpoint(midway)["time_budget_used_s"]
+    assert used < BUDGET / 2, used
+    report = Recorder()
+    fit(tiny_model(), SlowData(0.02), None, budgeted(checkpoint_every=5), report=report,
+        checkpoint_dir=tmp_path / "resumed", resume_from=midway)
+    left = [metrics["train/budget_left_s"] for _, metrics, _ in report.calls if "train/budget_left_s" in metrics]
+    assert report.calls[0][0] == 6 and left[0] < BUDGET - used, (left, used)  # its clock went on from `used`
+    final = load_checkpoint(report.calls[-1][2])
+    assert used < final["time_budget_used_s"] <= USED[1]
+
+
+def _budgeted_rank(rank: int, world_size: int, port: int, out: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                         world_size=world_size)
+    try:
+        report = Recorder()
+        # rank 1 is three times slower: the ranks plan on their mean, and end at the same step
+        fit(tiny_model(), SlowData(0.01 * (1 + 2 * rank)), None, budgeted(checkpoint_every=0), report=report,
+            rank=rank)
+        steps = [(step, metrics.get("train/planned_steps")) for step, metrics, _ in report.calls]
+        Path(out, f"rank{rank}.json").write_text(json.dumps(steps))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_ranks_agree_on_where_a_budgeted_run_ends(tmp_path):
+    port = free_port()
+    torch.multiprocessing.spawn(_budgeted_rank, args=(2, port, str(tmp_path)), nprocs=2)
+    zero, one = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert zero == one and zero[-1][0] == zero[-1][1] < 10_000, (zero, one)

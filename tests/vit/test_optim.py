@@ -11,6 +11,7 @@ import torch
 from vit import VisionTransformer, ViTConfig
 from vit.optim import (
     OptimConfig,
+    WarmupCosine,
     build_optimizer,
     build_schedule,
     param_groups,
@@ -97,3 +98,47 @@ def test_config_is_checked_early():
     assert OptimConfig.from_dict(OptimConfig().to_dict()) == OptimConfig()
     with pytest.raises(ValueError, match="warmup_steps 5 exceed"):
         build_schedule(build_optimizer(tiny_model(), OptimConfig(warmup_steps=5)), OptimConfig(warmup_steps=5), 4)
+
+
+def test_a_replanned_schedule_goes_on_from_where_it_was_and_ends_at_its_floor():
+    plan = WarmupCosine(warmup_steps=10, total_steps=100, min_lr_ratio=0.1)
+    assert [plan(s) for s in range(101)] == [warmup_cosine(s, warmup_steps=10, total_steps=100, min_lr_ratio=0.1)
+                                             for s in range(101)]
+    before = plan(40)
+    plan.replan(40, 70)  # the budget allows 30 more steps, not 60
+    assert plan(40) == pytest.approx(before, rel=1e-12) and plan(70) == pytest.approx(0.1)
+    factors = [plan(s) for s in range(40, 71)]
+    assert all(a > b for a, b in zip(factors, factors[1:]))  # still falling, now faster
+    assert plan(71) == pytest.approx(0.1)  # past the end: at the floor
+    plan.replan(50, 120)  # and longer again: continuous, and the floor at the new end
+    assert plan(120) == pytest.approx(0.1) and plan(50) == pytest.approx(factors[10], rel=1e-12)
+    with pytest.raises(ValueError, match="cannot end the schedule at step 49: 50 steps are already taken"):
+        plan.replan(50, 49)
+
+
+def test_a_replan_inside_the_warm_up_keeps_the_warm_up():
+    plan = WarmupCosine(warmup_steps=10, total_steps=100, min_lr_ratio=0.0)
+    plan.replan(5, 30)
+    assert [plan(s) for s in range(10)] == [(s + 1) / 10 for s in range(10)]
+    assert plan(10) == 1.0 and plan(30) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_a_replanned_schedule_resumes_from_its_state_dict():
+    config = OptimConfig(lr=0.1, warmup_steps=2, min_lr_ratio=0.0)
+    model = tiny_model()
+    schedule = build_schedule(build_optimizer(model, config), config, total_steps=20)
+    for _ in range(8):
+        schedule.optimizer.step()
+        schedule.step()
+    schedule.lr_lambdas[0].replan(8, 12)
+    buffer = io.BytesIO()
+    torch.save(schedule.state_dict(), buffer)
+    buffer.seek(0)
+    restored = build_schedule(build_optimizer(model, config), config, total_steps=20)
+    restored.load_state_dict(torch.load(buffer, weights_only=True))
+    assert restored.lr_lambdas[0] == schedule.lr_lambdas[0]  # the plan: its end and its anchor
+    for _ in range(4):
+        schedule.optimizer.step(), schedule.step()
+        restored.optimizer.step(), restored.step()
+        assert restored.optimizer.param_groups[0]["lr"] == schedule.optimizer.param_groups[0]["lr"]
+    assert restored.optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)  # step 12: the end

@@ -169,6 +169,9 @@ def test_keys_the_search_overwrites_are_refused_at_load_with_their_path(tmp_path
         "data.image_size: not a choice: the search's search.image_size chooses": {"search": {**search, "choices": {"data.image_size": [64]}}},
         "train.optim: not a choice": {"search": {**search, "choices": {"train.optim": [{"lr": 0.1}]}}},
         "train.total_steps: not a choice": {"search": {**search, "choices": {"train.total_steps": [6]}}},
+        "train.time_budget_s: not a choice: a search compares trials at equal steps":
+            {"search": {**search, "choices": {"train.time_budget_s": [60]}}},
+        "train.time_budget_s 60: a search compares its trials at equal steps": {"train": {**train, "time_budget_s": 60}},
         "train.bogus: TrainConfig has no field 'bogus'": {"search": {**search, "choices": {"train.bogus": [1]}}},
         "finetune.mode: choices name fields as data.X, train.X, optim.X or mode": {"search": {**search, "choices": {"finetune.mode": ["full"]}}},
     }

@@ -130,6 +130,32 @@ def test_two_workers_learn_resume_after_a_failure_register_and_reload(tmp_path, 
     assert len(client.search_model_versions("name = 'vit-pretrained'")) == 1
 
 
+@pytest.mark.slow
+def test_a_time_budget_ends_the_stage_on_the_clock_and_the_registry_says_how_far_it_got(tmp_path, cifar_shards, local_ray):
+    # train.time_budget_s: the run takes as many steps as its 20 seconds allow (the 10,000 are only a
+    # ceiling), the cosine fitted to them; the plan is logged as it moves and the model's tags say the steps
+    # taken. One worker: the ranks' agreement is tests/vit/test_loop.py's.
+    settings = config(tmp_path, cifar_shards, "budget", resources={"num_workers": 1},
+                      train={"total_steps": 10_000, "log_every": 2, "eval_every": 40, "checkpoint_every": 40,
+                             "time_budget_s": 20, "optim": {"lr": 2e-3, "warmup_steps": 3, "min_lr_ratio": 0.1}})
+    result = run_pretrain(settings)
+    uri = settings.tracking.uri
+    client = MlflowClient(uri, registry_uri=uri)
+    run = client.get_run(result.run_id)
+    assert run.data.params["train.time_budget_s"] == "20.0" and run.data.params["train.total_steps"] == "10000"
+    steps = int(result.metrics["step"])
+    planned = sorted((m.step, m.value) for m in client.get_metric_history(result.run_id, "train/planned_steps"))
+    assert 5 < steps < 10_000 and planned[-1] == (steps, steps), planned
+    left = client.get_metric_history(result.run_id, "train/budget_left_s")
+    assert min(m.value for m in left) > -5, left  # within a few seconds of the budget at worst
+    lrs = sorted((m.step, m.value) for m in client.get_metric_history(result.run_id, "train/lr"))
+    # the cosine fitted to the steps taken: at (or, on a loaded machine where the budget ran out faster than
+    # the last plan expected, near) its floor at the last step; over 10,000 steps it would be at its peak
+    assert lrs[-1][1] < 0.5 * 2e-3 and lrs[-1][0] == steps
+    version = client.get_model_version("vit-pretrained", result.version)
+    assert version.tags["steps"] == str(steps)
+
+
 def test_configuration_errors_name_the_key(tmp_path, cifar_shards):
     with pytest.raises(ValidationError, match=r"train\.optim\.lr"):
         config(tmp_path, cifar_shards, "x", train={"total_steps": 5, "optim": {"lr": "fast"}})
@@ -145,6 +171,8 @@ def test_configuration_errors_name_the_key(tmp_path, cifar_shards):
         config(tmp_path, cifar_shards, "x", train={"total_steps": 5, "ema": {"decay": 0.99, "bogus": 1}})
     with pytest.raises(ValidationError, match=r"train\.ema[\s\S]*decay must be in \(0, 1\)"):
         config(tmp_path, cifar_shards, "x", train={"total_steps": 5, "ema": {"decay": 1.0}})
+    with pytest.raises(ValidationError, match=r"train[\s\S]*time_budget_s must be a number of seconds > 0"):
+        config(tmp_path, cifar_shards, "x", train={"total_steps": 5, "time_budget_s": 0})
     with pytest.raises(ValidationError, match="resources.gpus"):
         config(tmp_path, cifar_shards, "x", resources={"gpus": 2})
     with pytest.raises(ValidationError, match="name"):

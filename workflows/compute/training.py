@@ -456,7 +456,8 @@ def initial_model(spec: WorkerSpec):
 
 
 class Progress:
-    """One line per log step on rank 0: step, loss, img/s (all ranks), ETA."""
+    """One line per log step on rank 0: step, loss, img/s (all ranks), ETA. With a time budget the last
+    step is the loop's current plan (``train/planned_steps``), not ``total_steps``."""
 
     def __init__(self, total_steps: int, images_per_step: int):
         self.total_steps = total_steps
@@ -470,6 +471,7 @@ class Progress:
             rate = 0.0
         else:
             rate = (step - self.start_step) / max(time.monotonic() - self.start, 1e-9)
+        self.total_steps = int(metrics.get("train/planned_steps", self.total_steps))
         eta = (self.total_steps - step) / rate if rate > 0 else float("nan")
         fields = [f"step {step}/{self.total_steps}"]
         if "train/loss" in metrics:

@@ -135,7 +135,7 @@ def run_pretrain(config: PretrainConfig, *, parent_run_id: str | None = None, co
         "variant": model_config.variant or "custom",
         "image_size": model_config.image_size[0],
         "dataset_fingerprint": index.fingerprint,
-        "steps": config.train.total_steps,
+        "steps": int(metrics.get("step", config.train.total_steps)),  # with train.time_budget_s: as taken
         **({"teacher_model": train_config.distill.teacher} if train_config.distill else {}),
         **{f"final.{k}": round(v, 5) for k, v in metrics.items() if k.startswith("val/")},
     }
