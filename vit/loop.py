@@ -231,6 +231,7 @@ def fit(
     metadata: Mapping[str, Any] | None = None,
     peak_flops: float | None = None,
     teacher: nn.Module | None = None,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, float]:
     """Train ``model`` for exactly ``config.total_steps`` optimiser steps (or, with ``config.time_budget_s``,
     for as many as fit in that many seconds, at most ``total_steps``); return the last metrics.
@@ -265,12 +266,13 @@ def fit(
     step). ``train/planned_steps`` and ``train/budget_left_s`` are reported at each log step. A
     checkpoint holds the budget's seconds used, and a resumed run goes on with what was left (the time
     between the failure and the resume is not counted). Such a run is not reproducible step for step: its
-    last step depends on the machine's speed.
+    last step depends on the machine's speed. ``clock`` (monotonic seconds) is what every time
+    above is read from: the speed metrics and the budget.
     """
     if (config.distill is None) != (teacher is None):
         raise ValueError("fit: a teacher needs train.distill, and train.distill needs a teacher "
                          f"(distill: {config.distill}; teacher given: {teacher is not None})")
-    entered = time.perf_counter()  # a time budget counts from here: all that fit does is in it
+    entered = clock()  # a time budget counts from here: all that fit does is in it
     device = torch.device(device)
     precision = resolve_precision(config.precision, probe(device))
     model.to(device)
@@ -292,7 +294,17 @@ def fit(
         step, epoch, batch_in_epoch = restore_training_state(state, model=model, optimizer=optimizer,
                                                              schedule=schedule, scaler=scaler, ema=ema,
                                                              origin=str(resume_from))
-        budget_used = float(state.get("time_budget_used_s", 0.0)) if config.time_budget_s is not None else 0.0
+        # The schedule's shape is this config's, as it always was (a run resumed with more total_steps trains
+        # on to them). A time budget's plan goes on from where the checkpoint's had brought the cosine, up to
+        # the ceiling until the first log step re-plans it on what is left of the budget; a checkpoint of
+        # the plan's last step is a finished run (it ended on its budget), resumed as such.
+        plan.warmup_steps, plan.min_lr_ratio = config.optim.warmup_steps, config.optim.min_lr_ratio
+        if config.time_budget_s is None:
+            plan.total_steps, plan.anchor_step, plan.anchor_progress = config.total_steps, 0, 0.0
+        else:
+            budget_used = float(state.get("time_budget_used_s", 0.0))
+            if step < plan.total_steps:
+                plan.replan(step, max(step, config.total_steps))
         if rank != 0:  # only rank 0's generators were saved; the others start a fresh, distinct stream
             torch.manual_seed(derive_seed(config.seed, rank, step))
         log.info("resumed from %s at step %d (epoch %d, batch %d)", resume_from, step, epoch, batch_in_epoch)
@@ -303,13 +315,13 @@ def fit(
     forward = torch.compile(prepared) if config.compile else prepared
 
     latest: dict[str, float] = {}
-    if step >= plan.total_steps:
-        return latest
+    if step >= plan.total_steps or (config.time_budget_s is not None and budget_used >= config.time_budget_s):
+        return latest  # done: every step planned taken, or all of the budget used
     extra = dict(metadata or {})
     stream = _batches(train_data, epoch, batch_in_epoch)
     accum = config.grad_accum_steps
     loss_sum, logged_steps, images_seen = torch.zeros((), device=device), 0, 0
-    tick, paused = time.perf_counter(), 0.0  # paused: evaluation and checkpoint time, not counted in img/s
+    tick, paused = clock(), 0.0  # paused: evaluation and checkpoint time, not counted in img/s
     waited = 0.0  # time spent in the loader's next() this window
     flops_per_image = train_flops(model.config) if isinstance(getattr(model, "config", None), ViTConfig) else None
     # The time budget's accounting: its clock (started budget_used ago), and what evaluations and
@@ -323,9 +335,9 @@ def fit(
             optimizer.zero_grad(set_to_none=True)
             step_loss = torch.zeros((), device=device)
             for micro in range(accum):
-                asked = time.perf_counter()
+                asked = clock()
                 epoch, batch_in_epoch, batch = next(stream)
-                waited += time.perf_counter() - asked
+                waited += clock() - asked
                 images = batch[0].to(device, non_blocking=True)
                 targets = batch[1].to(device, non_blocking=True)
                 sync = no_sync() if no_sync is not None and micro < accum - 1 else contextlib.nullcontext()
@@ -372,7 +384,7 @@ def fit(
             final = step >= plan.total_steps
             if step % config.log_every == 0 or final:
                 loss_value = (loss_sum / logged_steps).item()  # waits for the device: the window ends here
-                elapsed = max(time.perf_counter() - tick - paused, 1e-9)
+                elapsed = max(clock() - tick - paused, 1e-9)
                 rate = images_seen / elapsed  # this rank's
                 paused_total += paused
                 if config.time_budget_s is not None:
@@ -380,7 +392,7 @@ def fit(
                     step_s = window_s if step_s is None else (1 - STEP_TIME_SMOOTHING) * step_s + STEP_TIME_SMOOTHING * window_s
                     train_s, pause_s, final_s, used = _mean_across_ranks(
                         [step_s, paused_total / (step - first_step), longest_pause,
-                         time.perf_counter() - clock_start], all_reduce, device)
+                         clock() - clock_start], all_reduce, device)
                     left = config.time_budget_s - used
                     if not final:
                         more = steps_within(left, train_s_per_step=train_s, pause_s_per_step=pause_s, final_s=final_s)
@@ -408,8 +420,8 @@ def fit(
                     metrics.update({"data/bad_samples": stats.bad_samples, "data/bad_shards": stats.bad_shards})
                 loss_sum.zero_()
                 logged_steps, images_seen, waited = 0, 0, 0.0
-                tick, paused = time.perf_counter(), 0.0
-            started = time.perf_counter()
+                tick, paused = clock(), 0.0
+            started = clock()
             if eval_data is not None and (final or (config.eval_every and step % config.eval_every == 0)):
                 results = evaluate(model, eval_data, device=device, precision=precision, all_reduce=all_reduce)
                 metrics.update({f"val/{name}": value for name, value in results.items()})
@@ -421,7 +433,7 @@ def fit(
             saved = None
             if final or (config.checkpoint_every and step % config.checkpoint_every == 0):
                 if rank == 0 and checkpoint_dir is not None:
-                    used = time.perf_counter() - clock_start if config.time_budget_s is not None else None
+                    used = clock() - clock_start if config.time_budget_s is not None else None
                     saved = save_checkpoint(checkpoint_dir, training_state(
                         model=model, optimizer=optimizer, schedule=schedule, scaler=scaler, step=step, epoch=epoch,
                         batch_in_epoch=batch_in_epoch, train_config=config.to_dict(), precision=precision,
@@ -432,7 +444,7 @@ def fit(
                 log.info("step %d/%d %s", step, plan.total_steps,
                          " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
                 report(step, metrics, checkpoint_dir=str(saved) if saved is not None else None)
-            took = time.perf_counter() - started
+            took = clock() - started
             paused, longest_pause = paused + took, max(longest_pause, took)
     finally:
         stream.close()  # shuts down the epoch's loader workers
