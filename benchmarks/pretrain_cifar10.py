@@ -7,8 +7,9 @@ measures training img/s) and the stage's fixed costs around it (``train.time_bud
 last step at every log step from the speed it measures, the cosine fitted to the steps it will take. The
 calibration sets the first plan only: the warm-up (5% of it), the evaluation and checkpoint cadence (an
 eighth), and a ceiling of twice as many steps. (Until 2026-12-07 the calibration fixed the step count,
-and a run whose training slowed past it overran: 75.5 minutes of 60 on the AMX Xeon.) The registered ``vit-pretrained`` model
-(in the MLflow store under ``--workdir``) is the starting point of ``benchmarks/transfer_flowers.py``.
+and a run whose training slowed past it overran: 75.5 minutes of 60 on the AMX Xeon.) The registered
+``vit-pretrained`` model (in the MLflow store under ``--workdir``) is the starting point of
+``benchmarks/transfer_flowers.py``.
 
     python -m benchmarks.pretrain_cifar10                       # 60 minutes, Ti/4 depth 6, precision auto
     python -m benchmarks.pretrain_cifar10 --recipe augreg-light  # the same budget and schedule, AugReg light1
@@ -39,7 +40,7 @@ from workflows.recipes import recipe_names  # noqa: E402
 from workflows.stages.pretrain import PretrainConfig, run_pretrain  # noqa: E402
 
 # Seconds of the budget outside training: the stage around it (worker group start, model logging and
-# registration) and the test evaluation after it (measured: see docs/RESULTS.md).
+# registration) and the test evaluation after it: about 66 s measured on the AVX2 EPYC (docs/RESULTS.md).
 OUTSIDE_TRAINING_S = 90
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 REPO = Path(__file__).resolve().parents[1]
